@@ -1,0 +1,35 @@
+# Set-up and entry points. `make demo` and `make test` each do the whole install on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo demo-ar demo-markov demo-fsdit test bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, and only if missing: the local CPU wheel; a bare `pip install torch` would pull CUDA packages.
+$(STAMP): $(PY) setup.cfg pyproject.toml
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		--num_cpu_threads_per_process $$(nproc) tdlm/train.py configs/quickstart.yaml trainer.overwrite=true
+
+demo-ar: $(STAMP)
+	$(PY) tdlm/train.py configs/quickstart_ar.yaml trainer.overwrite=true
+
+demo-markov: $(STAMP)
+	$(PY) tdlm/train.py configs/markov.yaml trainer.overwrite=true
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .cache .pytest_cache

@@ -1,0 +1,99 @@
+"""Checkpoints: ``accelerator.save_state`` plus trainer state, written atomically, pruned to last N + best.
+
+Layout: ``<run>/checkpoints/step_000123/`` holds Accelerate's state (model, optimizer, RNG of every process,
+registered objects such as the LR scheduler and EMA), ``trainer_state.json`` (step, data position, best
+validation loss, wandb run id) and ``model/`` + ``tokenizer/`` in ``save_pretrained`` form for evaluation.
+A checkpoint is written to a temporary sibling directory and renamed into place, so a crash mid-write leaves
+the previous checkpoint intact and no half-written directory ever looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .config import ConfigError
+
+STATE_FILE = "trainer_state.json"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:07d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (those with a trainer state) in step order; temporaries are ignored."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def check_free_disk(root: Path, min_free_mb: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    free_mb = shutil.disk_usage(root).free / 2**20
+    if free_mb < min_free_mb:
+        raise ConfigError(f"trainer.min_free_disk_mb: only {free_mb:.0f} MiB free in {root}, "
+                          f"need {min_free_mb} MiB to write a checkpoint")
+
+
+def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, export_model=None, tokenizer=None,
+                    min_free_mb: int = 0) -> Path:
+    """Collective: every process calls it. Returns the final checkpoint directory."""
+    final = step_dir(root, step)
+    tmp = root / f".tmp_{final.name}"
+    if accelerator.is_main_process:
+        check_free_disk(root, min_free_mb)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if export_model is not None:  # every process: ZeRO-3 gathers the full weights collectively
+        state_dict = accelerator.get_state_dict(export_model)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(export_model).save_pretrained(str(tmp / "model"), state_dict=state_dict)
+    if accelerator.is_main_process:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        state_path = tmp / STATE_FILE
+        with open(state_path, "w") as f:
+            json.dump(trainer_state, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int, best: str | None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints and the best one (main process only)."""
+    ckpts = list_checkpoints(root)
+    keep = {p.name for p in ckpts[-keep_last:]} | ({best} if best else set())
+    for p in ckpts:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".tmp_step_*"):  # leftovers of a crash mid-write
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"trainer.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
+    return path

@@ -1,0 +1,294 @@
+"""Typed run configuration: nested dataclasses loaded from YAML plus dotted ``key=value`` overrides.
+
+Every section is a dataclass whose fields are the only accepted keys. Loading checks unknown keys (naming the
+nearest valid one), types and ranges, and raises ``ConfigError`` with a one-line message naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, key or file; the message is one line naming the culprit."""
+
+
+@dataclass
+class ModelSection:
+    vocab_size: int = 0
+    """0 = take the tokenizer's vocabulary size."""
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 0
+    """0 = the SwiGLU default, 8/3·hidden rounded up to a multiple of 64."""
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    causal: bool = False
+    """True trains the same backbone autoregressively (the AR baseline with exact perplexity)."""
+
+
+@dataclass
+class DataSection:
+    source: str = "stdlib"
+    """stdlib (Python standard-library docstrings), markov (synthetic, known entropy), files, hub, prepared."""
+    paths: list = field(default_factory=list)
+    """txt / jsonl / parquet files for source=files, or a save_to_disk directory for source=prepared."""
+    hub_name: str = ""
+    hub_config: str = ""
+    text_column: str = "text"
+    tokenizer: str = "train"
+    """train = byte-level BPE trained on the training split; otherwise a pretrained tokenizer name or path."""
+    vocab_size: int = 4096
+    seq_len: int = 128
+    packing: bool = True
+    """True: documents joined with BOS/EOS and cut into full blocks. False: one document per row, right-padded."""
+    val_fraction: float = 0.05
+    max_documents: int = 0
+    """0 = all documents."""
+    num_proc: int = 1
+    cache_dir: str = ".cache/tdlm"
+    markov_order: int = 2
+    markov_symbols: int = 12
+    markov_tokens: int = 400000
+    markov_concentration: float = 0.25
+    seed: int = 1234
+
+
+@dataclass
+class DiffusionSection:
+    schedule: str = "linear"
+    """linear | cosine | loglinear; the loss weight is -alpha'(t)/(1-alpha(t)) (1/t for linear)."""
+    t_min: float = 1e-3
+    """t is drawn from [t_min, 1]; the omitted [0, t_min] slice is O(t_min) nats per token (docs/diffusion.md)."""
+    stratified: bool = True
+    """One t per stratum of the *global* batch (lower variance, same expectation)."""
+    loglinear_eps: float = 1e-3
+    clip_weight: float = 0.0
+    """>0 clips w(t) for the *training* gradient only (biased); reported NELBO never uses it."""
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerSection:
+    output_dir: str = "runs"
+    run_name: str = "tdlm"
+    seed: int = 0
+    max_steps: int = 500
+    micro_batch_size: int = 16
+    """Per process, per micro-step."""
+    grad_accum_steps: int = 1
+    eval_every_n_steps: int = 100
+    eval_batches: int = 0
+    """0 = the whole validation split."""
+    save_every_n_steps: int = 250
+    keep_last: int = 2
+    ema_decay: float = 0.0
+    """0 = no EMA; otherwise the EMA weights are evaluated and saved beside the raw ones."""
+    resume: str = ""
+    """'' = fresh run; auto = latest checkpoint of this run; or a checkpoint directory."""
+    overwrite: bool = False
+    mixed_precision: str = "auto"
+    """auto = bf16 on a GPU, fp32 on a CPU (bf16 is slower on CPUs without AMX)."""
+    num_workers: int = 0
+    sample_at_end: int = 3
+    sample_steps: int = 64
+    progress_bar: bool = True
+    min_free_disk_mb: int = 50
+
+
+@dataclass
+class TierSection:
+    enabled: bool = False
+
+
+@dataclass
+class TiersSection:
+    essential: TierSection = field(default_factory=lambda: TierSection(enabled=True))
+    research: TierSection = field(default_factory=TierSection)
+    advanced: TierSection = field(default_factory=TierSection)
+
+
+@dataclass
+class MetricsSection:
+    tiers: TiersSection = field(default_factory=TiersSection)
+    logging_steps: int = 100
+    detailed_metrics_steps: int = 500
+    attention_analysis_steps: int = 2000
+    health: dict = field(default_factory=dict)
+    """Overrides of health-rule thresholds, by rule name."""
+
+
+@dataclass
+class WandbSection:
+    enabled: bool = False
+    project: str = "tdlm"
+    entity: str = ""
+    mode: str = "auto"
+    """auto = online when an API key is configured, else offline; online | offline | disabled."""
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.output_dir) / self.trainer.run_name
+
+
+_CHOICES = {
+    "data.source": ("stdlib", "markov", "files", "hub", "prepared"),
+    "diffusion.schedule": ("linear", "cosine", "loglinear"),
+    "trainer.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"),
+}
+_POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len", "data.seq_len",
+             "data.vocab_size", "trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum_steps",
+             "trainer.eval_every_n_steps", "trainer.save_every_n_steps", "trainer.keep_last", "optim.lr",
+             "metrics.logging_steps", "metrics.detailed_metrics_steps", "metrics.attention_analysis_steps",
+             "data.num_proc", "data.markov_order", "data.markov_symbols", "data.markov_tokens")
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check ``value`` against the annotated type; ints are accepted where floats are expected."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-3 as a string
+        except ValueError:
+            pass
+    expected = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}.get(
+        getattr(typ, "__name__", str(typ)), typ)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, typ, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range and consistency checks; each failure names its dotted key."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    if not 0.0 <= cfg.diffusion.t_min < 1.0:
+        raise ConfigError(f"diffusion.t_min: must be in [0, 1), got {cfg.diffusion.t_min}")
+    if not 0.0 < cfg.diffusion.loglinear_eps < 1.0:
+        raise ConfigError(f"diffusion.loglinear_eps: must be in (0, 1), got {cfg.diffusion.loglinear_eps}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.model.hidden_size % cfg.model.num_heads or (cfg.model.hidden_size // cfg.model.num_heads) % 2:
+        raise ConfigError(f"model.num_heads: hidden_size {cfg.model.hidden_size} must split into heads of even size")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
+    if not 0.0 <= cfg.trainer.ema_decay < 1.0:
+        raise ConfigError(f"trainer.ema_decay: must be in [0, 1), got {cfg.trainer.ema_decay}")
+    m = cfg.metrics
+    for key in ("detailed_metrics_steps", "attention_analysis_steps"):
+        if getattr(m, key) % m.logging_steps:
+            raise ConfigError(f"metrics.{key}: {getattr(m, key)} is not a multiple of metrics.logging_steps "
+                              f"{m.logging_steps}; cadences must align")
+    if cfg.trainer.eval_every_n_steps % m.logging_steps and m.logging_steps % cfg.trainer.eval_every_n_steps:
+        raise ConfigError(f"trainer.eval_every_n_steps: {cfg.trainer.eval_every_n_steps} does not align with "
+                          f"metrics.logging_steps {m.logging_steps} (one must divide the other)")
+    if cfg.data.source == "files" and not cfg.data.paths:
+        raise ConfigError("data.paths: source=files needs at least one file")
+    if cfg.data.source == "hub" and not cfg.data.hub_name:
+        raise ConfigError("data.hub_name: source=hub needs a dataset name")
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected dotted key=value, e.g. trainer.max_steps=50")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Read a YAML file (may be None for all defaults), apply ``a.b=c`` overrides, build and validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return validate(_build(RunConfig, data, ""))
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return validate(_build(RunConfig, data, ""))

@@ -1,0 +1,84 @@
+"""Where logged metrics go: the local JSONL file (always), wandb (online or offline) and the console.
+
+Each sink has ``log(metrics: dict, step: int)`` and ``close()``; only the main process creates sinks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+
+def _jsonable(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/Inf; keep them visible as strings
+    return v
+
+
+class JsonlSink:
+    """One JSON object per logged step, appended and flushed, so a killed run keeps everything it logged."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after_step is not None and self.path.exists():
+            # A resumed run re-logs the steps after its checkpoint: drop the stale tail first.
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= truncate_after_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.f = open(self.path, "a")
+
+    def log(self, metrics: dict, step: int) -> None:
+        rec = {"step": step, **{k: _jsonable(v) for k, v in metrics.items() if not _is_media(v)}}
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _is_media(v) -> bool:
+    return type(v).__module__.startswith("wandb")
+
+
+def wandb_mode(requested: str) -> str:
+    """auto: online only when an API key is configured (env or netrc), else offline; never fails for lack of one."""
+    if requested in ("offline", "disabled"):
+        return requested
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    if not has_key:
+        try:
+            import netrc
+            has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (FileNotFoundError, netrc.NetrcParseError, OSError):
+            has_key = False
+    if requested == "online" and not has_key:
+        print("warning: wandb.mode=online but no wandb API key is configured; logging offline instead",
+              file=sys.stderr)
+    return "online" if has_key else "offline"
+
+
+class WandbSink:
+    """wandb run; every metric panel uses ``trainer/global_step`` as its x-axis (define_metric)."""
+
+    def __init__(self, cfg, run_dir: Path, config: dict, run_id: str | None = None):
+        import wandb
+
+        mode = wandb_mode(cfg.mode)
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=run_dir.name, dir=str(run_dir),
+                              config=config, mode=mode, id=run_id, resume="allow" if run_id else None,
+                              tags=list(cfg.tags) or None, settings=wandb.Settings(console="off", silent=True))
+        self.run.define_metric("trainer/global_step")
+        self.run.define_metric("*", step_metric="trainer/global_step")
+        self.id = self.run.id
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log({"trainer/global_step": step, **{k: _jsonable(v) for k, v in metrics.items()}})
+
+    def close(self) -> None:
+        self.run.finish()

@@ -1,0 +1,220 @@
+"""The tdlm backbone: a pre-norm transformer (RoPE, SwiGLU, RMSNorm, SDPA) as a ``transformers`` model.
+
+Bidirectional by default (the masked-diffusion denoiser, no time conditioning, as MDLM/LLaDA/SMDM); with
+``causal=True`` the same weights shape trains autoregressively for the AR baseline. Being a ``PreTrainedModel``
+with its own ``TdlmConfig``, checkpoints load with ``TdlmForMaskedDiffusion.from_pretrained(dir)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class TdlmConfig(PretrainedConfig):
+    model_type = "tdlm"
+
+    def __init__(self, vocab_size: int = 4096, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
+                 intermediate_size: int = 0, max_seq_len: int = 512, rope_theta: float = 10000.0,
+                 dropout: float = 0.0, tie_embeddings: bool = True, causal: bool = False,
+                 mask_token_id: int = 0, pad_token_id: int = 1, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        # SwiGLU keeps the FFN parameter count of a 4x GELU MLP with 8/3 x hidden (LLaMA), rounded for matmuls.
+        self.intermediate_size = intermediate_size or 64 * math.ceil(8 * hidden_size / 3 / 64)
+        self.max_seq_len = max_seq_len
+        self.rope_theta = rope_theta
+        self.dropout = dropout
+        self.tie_embeddings = tie_embeddings
+        self.causal = causal
+        self.mask_token_id = mask_token_id
+        kwargs.setdefault("tie_word_embeddings", tie_embeddings)
+        super().__init__(pad_token_id=pad_token_id, **kwargs)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (L, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) (the GPT-NeoX/LLaMA-HF layout). x: (B, H, L, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TdlmConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)  # fused: one matmul
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.dropout = cfg.dropout
+        self.causal = cfg.causal
+
+    def forward(self, x, cos, sin, attn_mask=None, return_probs: bool = False):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        probs = None
+        if return_probs:  # explicit softmax for diagnostics; SDPA cannot return its weights
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            if self.causal:
+                scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=x.device).tril(), -math.inf)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, -math.inf)
+            probs = scores.float().softmax(-1).to(q.dtype)
+            y = probs @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=self.causal and attn_mask is None)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D)), probs
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: TdlmConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TdlmConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size)
+        self.mlp = SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, attn_mask=None, return_probs=False):
+        a, probs = self.attn(self.attn_norm(x), cos, sin, attn_mask, return_probs)
+        x = x + self.drop(a)
+        x = x + self.drop(self.mlp(self.mlp_norm(x)))
+        return x, probs
+
+
+class TdlmForMaskedDiffusion(PreTrainedModel):
+    """Token ids -> logits over the vocabulary. ``attention_mask`` (B, L) marks valid (non-pad) keys."""
+
+    config_class = TdlmConfig
+    base_model_prefix = "tdlm"
+    _supports_sdpa = True
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+
+    def __init__(self, config: TdlmConfig):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._rope: tuple | None = None  # computed on first use: from_pretrained leaves non-persistent buffers empty
+        self.post_init()
+
+    def _init_weights(self, module):
+        # GPT-2 / nanoGPT init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers).
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "_is_residual", False):
+                std /= math.sqrt(2 * self.config.num_layers)
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def post_init(self):
+        for block in self.blocks:
+            block.attn.proj._is_residual = True
+            block.mlp.down._is_residual = True
+        super().post_init()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def set_input_embeddings(self, value):
+        self.embed = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def hidden_states(self, input_ids, attention_mask=None, return_attention: bool = False,
+                      return_all_hidden: bool = False):
+        """Final normed hidden states (B, L, D), plus per-layer attention probs / hidden states on request."""
+        B, L = input_ids.shape
+        if L > self.config.max_seq_len:
+            raise ValueError(f"sequence length {L} exceeds model max_seq_len {self.config.max_seq_len}")
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys only
+            if self.config.causal:
+                mask = mask & torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
+        if self._rope is None or self._rope[0].device != input_ids.device:
+            c = self.config
+            self._rope = rope_tables(c.max_seq_len, c.hidden_size // c.num_heads, c.rope_theta, input_ids.device)
+        cos, sin = self._rope[0][:L], self._rope[1][:L]
+        x = self.embed(input_ids)
+        probs, hiddens = [], []
+        for block in self.blocks:
+            x, p = block(x, cos, sin, mask, return_attention)
+            if return_attention:
+                probs.append(p)
+            if return_all_hidden:
+                hiddens.append(x)
+        out = {"hidden": self.norm(x)}
+        if return_attention:
+            out["attentions"] = probs
+        if return_all_hidden:
+            out["all_hidden"] = hiddens
+        return out
+
+    def forward(self, input_ids, attention_mask=None, logits_mask=None, return_attention: bool = False,
+                return_all_hidden: bool = False):
+        """Logits (B, L, V); with ``logits_mask`` (B, L) bool, logits of the selected positions only, (M, V).
+
+        The diffusion loss needs logits only at masked positions, so projecting just those onto the vocabulary
+        saves about half the output-layer work. With a ``return_*`` flag a dict is returned instead.
+        """
+        out = self.hidden_states(input_ids, attention_mask, return_attention, return_all_hidden)
+        h = out["hidden"]
+        logits = self.lm_head(h[logits_mask] if logits_mask is not None else h)
+        if not (return_attention or return_all_hidden):
+            return logits
+        out["logits"] = logits
+        return out
+
+
+def build_model(model_section, vocab_size: int, mask_token_id: int, pad_token_id: int) -> TdlmForMaskedDiffusion:
+    s = model_section
+    cfg = TdlmConfig(vocab_size=s.vocab_size or vocab_size, hidden_size=s.hidden_size, num_layers=s.num_layers,
+                     num_heads=s.num_heads, intermediate_size=s.intermediate_size, max_seq_len=s.max_seq_len,
+                     rope_theta=s.rope_theta, dropout=s.dropout, tie_embeddings=s.tie_embeddings, causal=s.causal,
+                     mask_token_id=mask_token_id, pad_token_id=pad_token_id)
+    return TdlmForMaskedDiffusion(cfg)

@@ -1,0 +1,115 @@
+"""End to end on the tiny Markov corpus: run layout, exact resume, the AR mode, and bad input."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdlm.config import ConfigError, load_config
+from tdlm.model import TdlmForMaskedDiffusion
+from tdlm.train import Trainer, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(overrides, stop_at=None):
+    trainer = Trainer(load_config(None, overrides))
+    try:
+        return trainer.train(stop_at), trainer
+    finally:
+        trainer.close()
+
+
+def losses(run_dir):
+    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in recs if "train/loss" in r}
+
+
+def test_run_layout_and_learning(tiny, tmp_path):
+    result, trainer = run(tiny(**{"trainer.max_steps": 30, "trainer.eval_every_n_steps": 10,
+                                  "trainer.save_every_n_steps": 10, "trainer.keep_last": 1}))
+    rd = tmp_path / "runs" / "t"
+    assert (rd / "config.yaml").is_file() and (rd / "tokenizer" / "tokenizer.json").is_file()
+    ckpts = sorted(p.name for p in (rd / "checkpoints").iterdir())
+    assert ckpts[-1] == "step_0000030" and len(ckpts) <= 2  # keep_last=1 plus the best
+    ls = losses(rd)
+    assert set(ls) == set(range(1, 31))
+    assert ls[30] < ls[1] - 0.2  # it learns
+    assert math.isclose(result["val/perplexity"], math.exp(result["val/loss"]))
+    recs = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    summary = recs[-1]
+    assert summary["summary/total_steps"] == 30 and summary["summary/training_time_hours"] > 0
+    assert 0.3 < recs[0]["diffusion/t_mean"] < 0.7
+    model = TdlmForMaskedDiffusion.from_pretrained(str(rd / "checkpoints" / "step_0000030" / "model"))
+    assert model.config.mask_token_id == trainer.mask_id and not model.config.causal
+
+
+def test_resume_reproduces_uninterrupted_losses(tiny, tmp_path):
+    common = {"trainer.max_steps": 12, "trainer.save_every_n_steps": 4, "trainer.eval_every_n_steps": 4,
+              "trainer.ema_decay": 0.9, "data.markov_tokens": 6000, "trainer.micro_batch_size": 4,
+              "trainer.grad_accum_steps": 2}
+    run(tiny(**common, **{"trainer.run_name": "full"}))
+    # Stop after step 8 (as a kill right after the step-8 checkpoint would), then resume to 12.
+    run(tiny(**common, **{"trainer.run_name": "cut"}), stop_at=8)
+    cfg = tiny(**common, **{"trainer.run_name": "cut", "trainer.resume": "auto"})
+    run(cfg)
+    full, cut = losses(tmp_path / "runs" / "full"), losses(tmp_path / "runs" / "cut")
+    assert sorted(cut) == list(range(1, 13))
+    for step in range(1, 13):
+        assert full[step] == cut[step], (step, full[step], cut[step])
+
+
+def test_ar_mode_reports_exact_nll(tiny, tmp_path):
+    result, trainer = run(tiny(**{"model.causal": True, "trainer.max_steps": 4}))
+    assert result["val/loss"] > 0 and math.isfinite(result["val/loss"])
+
+
+def test_bad_input_one_line_errors(tiny, tmp_path, capsys):
+    # existing run is never overwritten
+    run(tiny(**{"trainer.max_steps": 4}))
+    before = sorted(p.name for p in (tmp_path / "runs" / "t" / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(load_config(None, tiny(**{"trainer.max_steps": 4})))
+    assert sorted(p.name for p in (tmp_path / "runs" / "t" / "checkpoints").iterdir()) == before
+    # tokenizer / vocabulary mismatch on resume
+    with pytest.raises(ConfigError, match="tokenizer"):
+        Trainer(load_config(None, tiny(**{"trainer.resume": "auto", "data.markov_symbols": 7})))
+    # architecture mismatch on resume
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        Trainer(load_config(None, tiny(**{"trainer.resume": "auto", "model.hidden_size": 64})))
+    # missing data file, empty corpus
+    with pytest.raises(ConfigError, match="nope.txt"):
+        Trainer(load_config(None, tiny(**{"data.source": "files", "data.paths": "[nope.txt]",
+                                          "trainer.run_name": "x"})))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ConfigError, match="no text found"):
+        Trainer(load_config(None, tiny(**{"data.source": "files", "data.paths": f"[{empty}]",
+                                          "trainer.run_name": "y"})))
+    # the CLI turns them into one line and exit code 2
+    capsys.readouterr()
+    assert main([str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "missing.yaml" in err[0]
+
+
+def test_local_text_files_with_padding(tiny, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"document number {i} says hello to the world {i % 7}" for i in range(300)))
+    result, trainer = run(tiny(**{"data.source": "files", "data.paths": f"[{corpus}]", "data.packing": False,
+                                  "data.vocab_size": 300, "trainer.max_steps": 3}))
+    row = trainer.data.train[0]["input_ids"]
+    assert (row == trainer.pad_id).any()  # short documents are right-padded, and the run still trains
+    assert math.isfinite(result["val/loss"])
+
+
+def test_script_entry_point_runs(tiny, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tdlm" / "train.py"), str(ROOT / "configs" / "markov.yaml"),
+                           *tiny(**{"trainer.max_steps": 2, "trainer.sample_at_end": 1, "trainer.sample_steps": 4})],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "perplexity bound" in proc.stdout and "--- sample 0 ---" in proc.stdout
