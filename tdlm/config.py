@@ -57,8 +57,9 @@ class DataSection:
     """0 = all documents."""
     num_proc: int = 1
     cache_dir: str = ".cache/tdlm"
-    markov_order: int = 2
-    markov_symbols: int = 12
+    markov_order: int = 1
+    """Order 1 by default: masked LMs sit on a long unigram plateau for order >= 2 chains (BERT does too)."""
+    markov_symbols: int = 16
     markov_tokens: int = 400000
     markov_concentration: float = 0.25
     seed: int = 1234

@@ -1,0 +1,72 @@
+"""Corpora, tokenizers and packing: entropy of the Markov source, deterministic split, pad handling, prepare CLI."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tdlm.config import DataSection
+from tdlm.data import Collator, MarkovSource, hash_split, load_prepared, markov_tokenizer, prepare_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_markov_entropy_rate_closed_form_and_empirical():
+    src = MarkovSource(order=1, num_symbols=3, concentration=1.0, seed=0)
+    P, pi = src.transition, src.stationary
+    assert np.allclose(pi @ P, pi, atol=1e-12)
+    h = -(pi[:, None] * P * np.log(P)).sum()
+    assert abs(src.entropy_rate - h) < 1e-12
+    # empirical cross-entropy of a long sample under the true chain equals the entropy rate
+    x = src.sample(200000, seed=1)
+    emp = -np.mean(np.log(P[x[:-1], x[1:]]))
+    assert abs(emp - h) < 0.01
+    # order 2: a window's entropy per token lies between the rate and the first-symbol entropy
+    src2 = MarkovSource(order=2, num_symbols=4, seed=2)
+    assert src2.entropy_rate < src2.block_entropy_per_token(16) < math.log(4)
+
+
+def test_hash_split_is_deterministic_and_disjoint():
+    texts = [f"text {i}" for i in range(2000)]
+    a, b = hash_split(texts, 0.1)
+    assert (a, b) == hash_split(list(texts), 0.1)
+    assert not set(a) & set(b) and len(a) + len(b) == 2000 and 150 < len(b) < 250
+
+
+def test_markov_tokenizer_one_token_per_symbol():
+    src = MarkovSource(order=1, num_symbols=5)
+    tok = markov_tokenizer(src)
+    ids = tok("a b e c", add_special_tokens=False)["input_ids"]
+    assert ids == [4, 5, 8, 6] and tok.mask_token_id == 1 and tok.pad_token_id == 0
+
+
+def test_prepare_packs_and_pads_only_the_tail(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps({"text": f"sample document {i} " * (i % 5 + 1)}) for i in range(400)))
+    cfg = DataSection(source="files", paths=[str(f)], vocab_size=300, seq_len=16, cache_dir=str(tmp_path / "c"))
+    data = load_prepared(prepare_dataset(cfg))
+    rows = data.train[:]["input_ids"]
+    pad = data.tokenizer.pad_token_id
+    padded = (rows == pad).any(1)
+    assert rows.shape[1] == 16 and int(padded.sum()) <= 1  # only a final partial block carries padding
+    assert (rows == data.tokenizer.bos_token_id).sum() > 300  # documents are delimited
+    batch = Collator(pad)([data.train[i] for i in range(4)])
+    assert "attention_mask" not in batch  # packed batches need no mask
+    short = {"input_ids": torch.tensor([5, 6, pad, pad]), "idx": torch.tensor(0)}
+    batch = Collator(pad)([short, short])
+    assert batch["attention_mask"].tolist() == [[True, True, False, False]] * 2
+
+
+def test_prepare_cli_writes_a_loadable_dataset(tmp_path):
+    out = tmp_path / "prep"
+    proc = subprocess.run([sys.executable, str(ROOT / "data_prep" / "prepare.py"), "--source", "markov",
+                           "--seq-len", "32", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["true_perplexity"] > 1 and info["num_train_blocks"] > 100
+    data = load_prepared(out)
+    assert data.train[0]["input_ids"].shape == (32,)
