@@ -130,7 +130,7 @@ def make_synthetic_cifar(
     least 1) test images per class; deterministic given ``seed``.
     """
     if num_classes < 1 or per_class < 1:
-        raise ValueError(f"make_synthetic_cifar: need num_classes >= 1 and per_class >= 1, got {num_classes}, {per_class}")
+        raise ValueError(f"make_synthetic_cifar: need num_classes, per_class >= 1, got {num_classes}, {per_class}")
     test_per_class = max(1, per_class // 5) if test_per_class is None else test_per_class
     rng = np.random.default_rng(seed)
 

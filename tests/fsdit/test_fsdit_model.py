@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from tdlm.fsdit.model import FSDiT, FSDiTConfig, TimestepEmbedder, attention_entropy, count_parameters, sincos_pos_embed_2d
+from tdlm.fsdit.model import (
+    FSDiT,
+    FSDiTConfig,
+    TimestepEmbedder,
+    attention_entropy,
+    count_parameters,
+    sincos_pos_embed_2d,
+)
 
 TINY = dict(image_size=8, patch_size=2, hidden_size=36, depth=2, num_heads=3, mlp_ratio=2.0, cond_dim=20)
 
