@@ -113,9 +113,9 @@ class SiglipEncoder(nn.Module):
             images = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic")
         return images.clamp(-1.0, 1.0)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors cannot enter the trainable projector's autograd graph
     def encode(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Per-image pooled embeddings (N, D) float32 on the encoder's device."""
+        """Per-image pooled embeddings (N, D) float32 on the encoder's device, without grad."""
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         out = []

@@ -76,6 +76,14 @@ def test_support_pooling_is_the_mean_of_per_image_embeddings(encoder):
     assert torch.allclose(pool_support(per_image.flip(1)), pooled, atol=1e-6)  # order of the set does not matter
 
 
+def test_embeddings_can_feed_a_trainable_projector(encoder):
+    # Regression: embeddings made under torch.inference_mode() cannot be saved for backward.
+    z = encoder.encode_support(images(4, seed=3).view(2, 2, 3, 32, 32))
+    proj = torch.nn.Linear(32, 5)
+    proj(z).pow(2).sum().backward()
+    assert not z.requires_grad and proj.weight.grad.abs().sum() > 0
+
+
 def test_encoder_id_depends_on_weights():
     a = SiglipEncoder.from_config(tiny_siglip_config(), seed=0)
     b = SiglipEncoder.from_config(tiny_siglip_config(), seed=0)
