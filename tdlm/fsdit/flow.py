@@ -28,6 +28,13 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Path and loss
 
 
+def _draw(fn, shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """Draw on the generator's own device, then move: a CPU generator then gives the same numbers on any device
+    (torch.randn refuses a CPU generator with device='cuda')."""
+    src = generator.device if generator is not None else device
+    return fn(shape, generator=generator, device=src, dtype=dtype).to(device)
+
+
 def sample_t(
     n: int,
     dist: Literal["uniform", "logit_normal"] = "uniform",
@@ -36,9 +43,9 @@ def sample_t(
 ) -> torch.Tensor:
     """Training times, (n,) float32 in [0, 1). logit_normal = sigmoid(N(0, 1)), SD3's choice and the origin's."""
     if dist == "uniform":
-        return torch.rand(n, generator=generator, device=device)
+        return _draw(torch.rand, (n,), generator, device)
     if dist == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+        return torch.sigmoid(_draw(torch.randn, (n,), generator, device))
     raise ValueError(f"fsdit.flow.t_dist must be 'uniform' or 'logit_normal', got {dist!r}")
 
 
@@ -79,7 +86,7 @@ def flow_loss(
     if t is None:
         t = sample_t(B, generator=generator, device=x.device)
     if noise is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = _draw(torch.randn, x.shape, generator, x.device, x.dtype)
     x_t = interpolate(x, noise, t)  # (B, C, H, W)
     pred = model(x_t, t, cond, drop=drop)  # (B, C, H, W)
     return per_sample_mse(pred, target_velocity(x, noise)), t
@@ -158,11 +165,13 @@ def sample(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Generate images (shape = (B, C, H, W)) from noise drawn with ``generator``; same generator seed, same output.
+    The noise is drawn on the generator's device and moved to ``device``, so a CPU generator gives the same
+    starting noise on CPU and GPU.
 
     ``steps`` is the number of integration steps (Heun costs 2 network evaluations per step, Euler 1).
     Put the model (usually the EMA copy) in eval mode first, so that no condition is dropped at random.
     """
-    noise = torch.randn(shape, generator=generator, device=device)
+    noise = _draw(torch.randn, shape, generator, device)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return guided_velocity(model, x, t, cond, cfg_scale)

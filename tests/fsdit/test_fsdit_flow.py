@@ -206,3 +206,11 @@ def test_ema_copies_buffers_and_tracks_the_real_model():
     before = ema.module.null_y.clone()
     ema.update_parameters(model)  # n = 1: d = 2/11
     assert torch.allclose(ema.module.null_y, before + (9 / 11) * 1.0, atol=1e-6)
+
+
+def test_a_cpu_generator_works_for_any_target_device():
+    # torch.randn(..., generator=cpu_gen, device="cuda") raises; the draw happens on the generator's device.
+    t = sample_t(4, generator=torch.Generator().manual_seed(0), device="meta")
+    assert t.device.type == "meta" and t.shape == (4,)
+    a = sample_t(4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, torch.rand(4, generator=torch.Generator().manual_seed(0)))
