@@ -18,7 +18,8 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     if temperature <= 0:
         return logits.argmax(-1)
     u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)).clamp_min(1e-300))
+    exp_noise = -torch.log(u.clamp_min(1e-300))  # Exp(1) noise, > 0
+    gumbel = -torch.log(exp_noise.clamp_min(1e-300))
     return (logits.double() / temperature + gumbel).argmax(-1)
 
 

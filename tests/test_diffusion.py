@@ -145,3 +145,13 @@ def test_ar_loss_is_mean_next_token_nll():
                 count += 1
     assert int(tv.sum()) == count == 3 * 6 - 2
     assert abs(float(nll.sum() / tv.sum()) - manual / count) < 1e-5
+
+
+def test_gumbel_argmax_samples_the_softmax_and_never_a_forbidden_token():
+    from tdlm.sampling import gumbel_argmax
+
+    logits = torch.tensor([[-torch.inf, 0.0, 1.0, 2.0]]).expand(20000, 4)
+    draws = gumbel_argmax(logits, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).double() / 20000
+    p = torch.softmax(torch.tensor([-torch.inf, 0.0, 1.0, 2.0], dtype=torch.float64), 0)
+    assert freq[0] == 0 and torch.allclose(freq, p, atol=0.015)
