@@ -70,10 +70,12 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | Path, which: str = "best") -> LoadedCheckpoint:
+    import transformers
     from transformers import AutoTokenizer
 
     from .model import TdlmForMaskedDiffusion
 
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar per load
     ckpt = resolve_checkpoint(path, which)
     if not (ckpt / "model" / "config.json").is_file():
         raise ConfigError(f"--checkpoint: {ckpt} has no model/ (written by save_pretrained)")

@@ -21,7 +21,7 @@ only on its own generator, so it is the same whatever the batch or process it is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -225,3 +225,62 @@ def ar_generate(model, prompt: torch.Tensor, length: int, cfg: SamplerConfig, ge
         tokens, _ = _draw(logits, take_last, cfg, rng, cfg.forbidden_token_ids)
         z = torch.cat([z, tokens[:, None]], 1)
     return z
+
+
+def sample_generators(seed: int, indices, device="cpu") -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, the sample's global index): the same sample on any process."""
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + int(i) * 7_919 + 1) % 2**63)
+            for i in indices]
+
+
+def build_canvas(tokenizer, seq_len: int, prompt: str = "", template: str = "") -> torch.Tensor:
+    """(L,) canvas: a template with ``[MASK]`` wherever text is to be generated (any infilling pattern), or a
+    prompt prefix followed by masks up to ``seq_len``, or all masks."""
+    mask = tokenizer.mask_token_id
+    if template:
+        ids = tokenizer(template, add_special_tokens=False)["input_ids"]
+        if mask not in ids:
+            raise ValueError(f"--template: no {tokenizer.mask_token} in {template!r}; nothing to generate")
+        return torch.tensor(ids)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    if len(ids) >= seq_len:
+        raise ValueError(f"--prompt: {len(ids)} tokens leave nothing to generate in --seq-len {seq_len}")
+    return torch.tensor(ids + [mask] * (seq_len - len(ids)), dtype=torch.long)
+
+
+@torch.no_grad()
+def sample_checkpoint(model, tokenizer, indices: list[int], cfg: SamplerConfig, seed: int, canvas: torch.Tensor,
+                      batch_size: int = 8, first_tokens: list[int] | None = None) -> tuple[list[dict], int]:
+    """Samples ``indices`` of a run (diffusion or, with ``model.config.causal``, AR) as
+    [{index, ids, text}], plus the number of network calls made (AR: one per generated token).
+
+    An AR model trained on packed rows never learns p(first token of a row): without a prompt, AR sample i starts
+    from ``first_tokens[i % len]`` (the first tokens of validation rows), else from BOS, which is out of
+    distribution for corpora packed without one (the Markov corpus).
+    """
+    device = next(model.parameters()).device
+    out, calls = [], 0
+    for lo in range(0, len(indices), batch_size):
+        idx = indices[lo:lo + batch_size]
+        gens = sample_generators(seed, idx, device)
+        rows = canvas.to(device).expand(len(idx), -1).clone()
+        if model.config.causal:
+            fixed = int((rows[0] != tokenizer.mask_token_id).long().cumprod(0).sum())  # the prompt prefix
+            if (rows[0, fixed:] != tokenizer.mask_token_id).any():
+                raise ValueError("an autoregressive checkpoint can only continue a prefix, not fill a template")
+            if fixed:
+                prompt = rows[:, :fixed]
+            elif first_tokens:
+                prompt = torch.tensor([[first_tokens[i % len(first_tokens)]] for i in idx], device=device)
+            else:
+                prompt = torch.full((len(idx), 1), tokenizer.bos_token_id, device=device)
+            special = (tokenizer.mask_token_id, tokenizer.bos_token_id)
+            ar_cfg = replace(cfg, forbidden_token_ids=tuple(cfg.forbidden_token_ids) + special)
+            ids = ar_generate(model, prompt, rows.shape[1], ar_cfg, gens)
+            calls += rows.shape[1] - prompt.shape[1]
+        else:
+            res = generate(model, rows, tokenizer.mask_token_id, cfg, gens)
+            ids, calls = res.ids, calls + res.network_calls
+        for i, row in zip(idx, ids.tolist()):
+            out.append({"index": i, "ids": row, "text": tokenizer.decode(row, skip_special_tokens=True)})
+    return out, calls
