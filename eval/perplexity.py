@@ -25,13 +25,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-
 from tdlm.accel import eval_accelerator, release
 from tdlm.config import ConfigError
-from tdlm.data import Collator
-from tdlm.diffusion import make_schedule
-from tdlm.likelihood import ESTIMATORS, NelboEstimator, eval_split, evaluate
+from tdlm.likelihood import ESTIMATORS, checkpoint_likelihood
 from tdlm.runs import load_checkpoint
 
 
@@ -58,30 +54,9 @@ def parse_args(argv):
 def compute(args, accelerator) -> dict:
     """The result dict (identical on every process)."""
     ck = load_checkpoint(args.checkpoint, args.which)
-    tok, cfg = ck.tokenizer, ck.config
-    seq_len = cfg.data.seq_len if cfg else ck.model.config.max_seq_len
-    with accelerator.main_process_first():
-        ds = eval_split(args.split, tok, seq_len, cfg, args.data, args.text, args.max_sequences)
-    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, collate_fn=Collator(tok.pad_token_id))
-    model, dl = accelerator.prepare(ck.model, dl)
-    schedule_name = cfg.diffusion.schedule if cfg else "linear"
-    t_min = args.t_min if args.t_min is not None else (cfg.diffusion.t_min if cfg else 1e-3)
-    estimator = None
-    if not ck.causal:
-        schedule = make_schedule(schedule_name, cfg.diffusion.loglinear_eps if cfg else 1e-3)
-        estimator = NelboEstimator(args.estimator, schedule, t_min, args.seed, len(ds))
-    passes = 1 if ck.causal else args.mc_passes
-    res = evaluate(model, dl, accelerator, tok.pad_token_id, tok.mask_token_id, ck.causal, estimator, passes)
-    out = {"checkpoint": str(ck.path), "step": ck.state.get("step"), "split": args.split,
-           "kind": "exact" if ck.causal else "bound",
-           "nelbo_per_token": res.nelbo_per_token, "perplexity_bound": res.perplexity, "perplexity": res.perplexity,
-           "stderr": 0.0 if ck.causal else res.stderr, "mc_passes": passes,
-           "estimator": "exact-autoregressive" if ck.causal else args.estimator, "num_tokens": res.num_tokens,
-           "num_sequences": res.num_sequences, "seed": args.seed, "per_pass": res.per_pass,
-           "schedule": None if ck.causal else schedule_name, "t_min": None if ck.causal else t_min,
-           "num_processes": accelerator.num_processes}
-    del model, dl
-    return out
+    return checkpoint_likelihood(ck, accelerator, split=args.split, data_dir=args.data, text_files=args.text,
+                                 estimator=args.estimator, passes=args.mc_passes, seed=args.seed, t_min=args.t_min,
+                                 batch_size=args.batch_size, max_sequences=args.max_sequences)
 
 
 def main(argv=None) -> int:

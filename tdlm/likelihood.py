@@ -194,3 +194,38 @@ def eval_split(split: str, tokenizer, seq_len: int, run_config=None, data_dir: s
     if max_sequences:
         ds = ds.select(range(min(max_sequences, len(ds))))
     return ds.with_format("torch")
+
+
+def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: str | None = None,
+                          text_files: list | None = None, estimator: str = "stratified", passes: int = 4,
+                          seed: int = 0, t_min: float | None = None, batch_size: int = 16,
+                          max_sequences: int = 0) -> dict:
+    """Perplexity of a loaded checkpoint (``tdlm.runs.load_checkpoint``) as the dict eval/perplexity.py prints:
+    the NELBO bound with its Monte-Carlo stderr (schedule and t_min from the run's config unless given), or the
+    exact AR perplexity (stderr 0)."""
+    from .data import Collator
+    from .diffusion import make_schedule
+
+    tok, cfg = ck.tokenizer, ck.config
+    seq_len = cfg.data.seq_len if cfg else ck.model.config.max_seq_len
+    with accelerator.main_process_first():
+        ds = eval_split(split, tok, seq_len, cfg, data_dir, text_files, max_sequences)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=Collator(tok.pad_token_id))
+    model, dl = accelerator.prepare(ck.model, dl)
+    schedule_name = cfg.diffusion.schedule if cfg else "linear"
+    t_min = t_min if t_min is not None else (cfg.diffusion.t_min if cfg else 1e-3)
+    est = None
+    if not ck.causal:
+        schedule = make_schedule(schedule_name, cfg.diffusion.loglinear_eps if cfg else 1e-3)
+        est = NelboEstimator(estimator, schedule, t_min, seed, len(ds))
+    passes = 1 if ck.causal else passes
+    res = evaluate(model, dl, accelerator, tok.pad_token_id, tok.mask_token_id, ck.causal, est, passes)
+    del model, dl  # prepared objects must not outlive the accelerator (gloo teardown)
+    return {"checkpoint": str(ck.path), "step": ck.state.get("step"), "split": split,
+            "kind": "exact" if ck.causal else "bound",
+            "nelbo_per_token": res.nelbo_per_token, "perplexity_bound": res.perplexity, "perplexity": res.perplexity,
+            "stderr": 0.0 if ck.causal else res.stderr, "mc_passes": passes,
+            "estimator": "exact-autoregressive" if ck.causal else estimator, "num_tokens": res.num_tokens,
+            "num_sequences": res.num_sequences, "seed": seed, "per_pass": res.per_pass,
+            "schedule": None if ck.causal else schedule_name, "t_min": None if ck.causal else t_min,
+            "num_processes": accelerator.num_processes}
