@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tdlm.accel import eval_accelerator, gather_objects, release, shard
+from tdlm.accel import gather_objects, run_script, shard
 from tdlm.config import ConfigError
 from tdlm.gen_metrics import aggregate, load_scorer, score_samples
 
@@ -67,28 +67,23 @@ def compute(texts: list[str], scorer, accelerator, rep_n: int = 4) -> dict:
 
 
 def main(argv=None) -> int:
-    accelerator = None
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        scorer = load_scorer(args.scorer)  # fails before any work without a scorer
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+
+    def work(accelerator):
+        scorer = load_scorer(args.scorer)  # fails before any scoring without a scorer
         texts = read_samples(args.samples)
-        texts = texts[: args.max_samples] if args.max_samples else texts
-        accelerator = eval_accelerator()
         scorer.model.to(accelerator.device)
-        out = compute(texts, scorer, accelerator, args.rep_n)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if accelerator is not None:
-            release(accelerator)
-    if accelerator.is_main_process:
-        if args.json:
-            print(json.dumps(out))
-        else:
-            print(f"gen-PPL {out['gen_ppl']:.3f} over {out['scored_tokens']} tokens of {out['num_samples']} samples"
-                  f"   unigram entropy {out['unigram_entropy']:.3f} nats   "
-                  f"repeated {args.rep_n}-grams {out[f'repetition_rate_{args.rep_n}gram']:.3f}   scorer {out['scorer']}")
+        return compute(texts[: args.max_samples] if args.max_samples else texts, scorer, accelerator, args.rep_n)
+
+    code, out, is_main = run_script(work)
+    if code or not is_main:
+        return code
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"gen-PPL {out['gen_ppl']:.3f} over {out['scored_tokens']} tokens of {out['num_samples']} samples   "
+              f"unigram entropy {out['unigram_entropy']:.3f} nats   repeated {args.rep_n}-grams "
+              f"{out[f'repetition_rate_{args.rep_n}gram']:.3f}   scorer {out['scorer']}")
     return 0
 
 

@@ -24,8 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tdlm.accel import eval_accelerator, gather_objects, release, shard
-from tdlm.config import ConfigError
+from tdlm.accel import gather_objects, run_script, shard
 from tdlm.likelihood import eval_split
 from tdlm.runs import load_checkpoint
 from tdlm.sampling import METHODS, STEP_SCHEDULES, SamplerConfig, build_canvas, sample_checkpoint
@@ -95,27 +94,20 @@ def run(args, accelerator) -> tuple[list[dict], dict]:
 
 
 def main(argv=None) -> int:
-    accelerator = None
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        accelerator = eval_accelerator()
-        samples, summary = run(args, accelerator)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if accelerator is not None:
-            release(accelerator)
-    if accelerator.is_main_process:
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text("".join(json.dumps(s) + "\n" for s in samples))
-        if args.json:
-            print(json.dumps(summary))
-        else:
-            for s in samples:
-                print(f"--- sample {s['index']} ---\n{s['text']}")
-            print(f"{len(samples)} samples, {summary['network_calls']} network calls, {summary['seconds']:.1f} s")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    code, result, is_main = run_script(lambda accelerator: run(args, accelerator))
+    if code or not is_main:
+        return code
+    samples, summary = result
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("".join(json.dumps(s) + "\n" for s in samples))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for s in samples:
+            print(f"--- sample {s['index']} ---\n{s['text']}")
+        print(f"{len(samples)} samples, {summary['network_calls']} network calls, {summary['seconds']:.1f} s")
     return 0
 
 

@@ -25,8 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tdlm.accel import eval_accelerator, release
-from tdlm.config import ConfigError
+from tdlm.accel import run_script
 from tdlm.likelihood import ESTIMATORS, checkpoint_likelihood
 from tdlm.runs import load_checkpoint
 
@@ -47,7 +46,7 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.mc_passes < 1 or args.batch_size < 1:
-        raise ConfigError("--mc-passes and --batch-size must be >= 1")
+        p.error("--mc-passes and --batch-size must be >= 1")
     return args
 
 
@@ -60,27 +59,18 @@ def compute(args, accelerator) -> dict:
 
 
 def main(argv=None) -> int:
-    accelerator = None
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        accelerator = eval_accelerator()
-        out = compute(args, accelerator)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if accelerator is not None:
-            release(accelerator)
-    if accelerator.is_main_process:
-        if args.json:
-            print(json.dumps(out))
-        else:
-            se = out["stderr"]
-            what = "exact perplexity (AR)" if out["kind"] == "exact" else f"perplexity bound ({out['estimator']})"
-            se_text = "n/a" if se is None else f"{se:.5f}"
-            print(f"{what}: {out['perplexity']:.4f}   nelbo/token {out['nelbo_per_token']:.5f} nats "
-                  f"+- {se_text}   tokens {out['num_tokens']}   passes {out['mc_passes']}   "
-                  f"ppl 95% {_ppl_interval(out)}")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    code, out, is_main = run_script(lambda accelerator: compute(args, accelerator))
+    if code or not is_main:
+        return code
+    if args.json:
+        print(json.dumps(out))
+    else:
+        se = out["stderr"]
+        what = "exact perplexity (AR)" if out["kind"] == "exact" else f"perplexity bound ({out['estimator']})"
+        se_text = "n/a" if se is None else f"{se:.5f}"
+        print(f"{what}: {out['perplexity']:.4f}   nelbo/token {out['nelbo_per_token']:.5f} nats +- {se_text}   "
+              f"tokens {out['num_tokens']}   passes {out['mc_passes']}   ppl 95% {_ppl_interval(out)}")
     return 0
 
 

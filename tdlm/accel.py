@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import sys
+from typing import Callable
 
 
 def eval_accelerator():
@@ -33,3 +35,21 @@ def gather_objects(accelerator, items: list) -> list:
     from accelerate.utils import gather_object
 
     return gather_object(items)
+
+
+def run_script(work: Callable) -> tuple[int, object, bool]:
+    """``work(accelerator)`` between creating and releasing the eval accelerator, for a script's ``main``.
+
+    Returns (exit code, result, whether this is the main process); a ``ValueError`` (``ConfigError`` included)
+    becomes one ``error:`` line on stderr and exit code 2.
+    """
+    accelerator = None
+    try:
+        accelerator = eval_accelerator()
+        return 0, work(accelerator), accelerator.is_main_process
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2, None, False
+    finally:
+        if accelerator is not None:
+            release(accelerator)
