@@ -25,7 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tdlm.config import ConfigError
-from tdlm.runs import RunHistory, find_runs
+from tdlm.runs import RunHistory, find_runs, numeric_items
 
 ACCURACY = ["metrics/mask_accuracy", "research/low_corruption_accuracy", "research/medium_corruption_accuracy",
             "research/high_corruption_accuracy"]
@@ -240,8 +240,8 @@ def load_project(project: str, max_runs: int = 0) -> list[RunHistory]:
         for rec in run.scan_history():
             step = rec.get("trainer/global_step", rec.get("_step"))
             if isinstance(step, (int, float)):
-                rows.append({"step": int(step), **{k: v for k, v in rec.items() if not k.startswith("_")
-                                                   and isinstance(v, (int, float)) and not isinstance(v, bool)}})
+                rows.append({**numeric_items({k: v for k, v in rec.items() if not k.startswith("_")}),
+                             "step": int(step)})
         runs.append(RunHistory(run.name, rows, dict(run.config), f"wandb:{project}/{run.id}"))
         if max_runs and len(runs) >= max_runs:
             break

@@ -58,8 +58,11 @@ def load_scorer(path: str | Path | None) -> Scorer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:  # missing weights/tokenizer files, unknown architecture
+        raise ConfigError(f"--scorer: cannot load a causal LM from {path}: {str(exc).splitlines()[0]}") from None
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     cfg = model.config
     context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024

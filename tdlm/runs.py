@@ -123,13 +123,23 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def numeric_items(rec: dict) -> dict:
+    """The finite numbers of a logged record; booleans (a health rule logged as True/False) become 1.0/0.0."""
+    out = {}
+    for k, v in rec.items():
+        v = float(v) if isinstance(v, bool) else v
+        if _finite(v):
+            out[k] = v
+    return out
+
+
 def read_metrics_jsonl(run_dir: Path) -> RunHistory:
     run_dir = Path(run_dir)
     rows = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         if line.strip():
             rec = json.loads(line)
-            rows.append({k: v for k, v in rec.items() if k == "step" or _finite(v)})
+            rows.append({**numeric_items(rec), "step": rec["step"]})
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     return RunHistory(run_dir.name, rows, cfg or {}, str(run_dir / "metrics.jsonl"))
 
@@ -186,8 +196,8 @@ def read_wandb_file(path: Path) -> RunHistory:
             vals = {_item_key(i): _json_or_none(i.value_json) for i in rec.history.item}
             step = vals.get("trainer/global_step", vals.get("_step"))
             if _finite(step):
-                rows.append({"step": int(step), **{k: v for k, v in vals.items()
-                                                   if _finite(v) and not k.startswith("_")}})
+                rows.append({**numeric_items({k: v for k, v in vals.items() if not k.startswith("_")}),
+                             "step": int(step)})
     return RunHistory(name, rows, config, str(path))
 
 

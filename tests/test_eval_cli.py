@@ -220,7 +220,8 @@ def test_compare_writes_markdown_json_and_plot(runs, capsys, tmp_path):
 
 
 def synthetic_run(path):
-    """A metrics.jsonl with the tier metrics of the metric guide and two health rules (one fires)."""
+    """A metrics.jsonl with the tier metrics of the metric guide and three health rules: one fires twice, one (a
+    boolean) once, one never."""
     path.mkdir()
     recs = []
     for s in range(1, 51):
@@ -229,7 +230,8 @@ def synthetic_run(path):
              "research/high_corruption_accuracy": 0.2 + 0.004 * s,  # ends above medium: flagged
              "research/gradient_norm_low_corruption": 0.1, "research/gradient_norm_high_corruption": 1.5,
              "research/gradient_norm_medium_corruption": 1.0, "research/gradient_norm_ratio_high_to_low": 15.0,
-             "health/loss_spike": 1 if s in (10, 30) else 0, "health/grad_explosion": 0}
+             "health/loss_spike": 1 if s in (10, 30) else 0, "health/grad_explosion": s == 40,
+             "health/dead_tokens": 0}
         if s % 10 == 0:
             r.update({"val/loss": [1.5, 1.2, 1.1, 1.15, 1.3][s // 10 - 1]})
             r["val/perplexity"] = math.exp(r["val/loss"])
@@ -253,8 +255,9 @@ def test_review_offline_run_dirs_wandb_files_and_synthetic_tier_metrics(runs, tm
     assert diff["val_perplexity"]["final"] == pytest.approx(runs["diff"]["result"]["val/perplexity"], rel=1e-12)
     assert diff["health"] == [] and "metrics/mask_accuracy" not in diff["trends"]  # absent metrics: no crash
     # synthetic tier metrics
-    assert synth["health"] == [{"rule": "loss_spike", "times": 2, "first_step": 10, "last_step": 30,
-                                "steps": [10, 30]}]
+    assert synth["health"] == [{"rule": "grad_explosion", "times": 1, "first_step": 40, "last_step": 40,
+                                "steps": [40]},
+                               {"rule": "loss_spike", "times": 2, "first_step": 10, "last_step": 30, "steps": [10, 30]}]
     assert synth["val_perplexity"]["best"] == pytest.approx(math.exp(1.1)) and synth["val_perplexity"]["best_step"] == 30
     acc = synth["trends"]["metrics/mask_accuracy"]
     assert acc["direction"] == "up" and acc["last"] == pytest.approx(0.7)
