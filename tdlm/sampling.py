@@ -1,26 +1,204 @@
-"""Sampling from a trained masked-diffusion model: the MDLM ancestral sampler.
+"""Sampling from a trained masked-diffusion model (and, for the baseline, from an autoregressive one).
 
-Reverse step t -> s (s < t): each still-masked position is revealed with probability
-(alpha(s) - alpha(t)) / (1 - alpha(t)) (Sahoo et al. 2024, eq. 7), its token drawn from p_theta(x | z_t);
-revealed tokens never change again (the carry-over property of absorbing diffusion).
+Samplers (``SamplerConfig.method``), both over a canvas whose ``[MASK]`` positions are generated and whose other
+positions are fixed (a prompt prefix, or any infilling pattern) and never changed:
+
+- ``ancestral`` (MDLM, Sahoo et al. 2024, eq. 7): from step tau to tau' every still-masked position is revealed
+  with probability (m(tau) - m(tau')) / m(tau), m the expected masked fraction; revealed tokens never change
+  (carry-over of absorbing diffusion). With ``use_cache`` the network is skipped when the previous step revealed
+  nothing: the model has no time input, so its output for an unchanged canvas is unchanged (MDLM ``ddpm_cache``).
+- ``low_confidence`` / ``random`` (LLaDA ``generate.py``): each step commits a fixed number of tokens, the
+  most confident predictions (probability of the sampled token) or random ones, and leaves the rest masked.
+
+Step schedules give m(tau) for tau in [0, 1]: ``linear`` 1 - tau, ``cosine`` cos(pi tau / 2) (few tokens early,
+MaskGIT), or a training ``NoiseSchedule`` (m = 1 - alpha(1 - tau)). ``block_length`` > 0 runs semi-autoregressive
+blocks left to right (LLaDA), each with its share of the steps. Tokens are drawn by Gumbel-max in float64 after
+temperature, top-k and top-p: float32 Gumbel noise visibly lowers sample entropy (Zheng et al. 2024,
+arXiv:2409.02908). ``generator`` may be one ``torch.Generator`` or one per row: with one per row a sample depends
+only on its own generator, so it is the same whatever the batch or process it is drawn in.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
 from .diffusion import NoiseSchedule
 
+METHODS = ("ancestral", "low_confidence", "random")
+STEP_SCHEDULES = ("linear", "cosine")
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Categorical sample via Gumbel-max in float64: float32 Gumbel noise visibly lowers sample entropy
-    (Zheng et al. 2024, arXiv:2409.02908)."""
+
+@dataclass
+class SamplerConfig:
+    steps: int = 64
+    method: str = "ancestral"
+    step_schedule: str | NoiseSchedule = "linear"
+    temperature: float = 1.0
+    """0 = greedy (argmax)."""
+    top_k: int = 0
+    """0 = off."""
+    top_p: float = 1.0
+    """1 = off."""
+    block_length: int = 0
+    """0 = one block over the whole canvas; otherwise semi-autoregressive blocks of this many positions."""
+    use_cache: bool = True
+    forbidden_token_ids: tuple = ()
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if isinstance(self.step_schedule, str) and self.step_schedule not in STEP_SCHEDULES:
+            raise ValueError(f"--step-schedule: {self.step_schedule!r} is not one of {', '.join(STEP_SCHEDULES)}")
+        if self.steps < 1:
+            raise ValueError(f"--steps: must be >= 1, got {self.steps}")
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0 or self.block_length < 0:
+            raise ValueError(f"sampler: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, block_length >= 0; got "
+                             f"{self.temperature}, {self.top_k}, {self.top_p}, {self.block_length}")
+
+
+@dataclass
+class SampleOutput:
+    ids: torch.Tensor          # (B, L)
+    network_calls: int
+    steps_run: int
+
+
+def masked_fraction(schedule: str | NoiseSchedule, tau: float) -> float:
+    """Expected fraction of the generated positions still masked after a fraction tau of the steps."""
+    if tau >= 1.0:
+        return 0.0
+    if isinstance(schedule, NoiseSchedule):
+        return float(schedule.mask_prob(torch.tensor(1.0 - tau, dtype=torch.float64)))
+    return 1.0 - tau if schedule == "linear" else math.cos(0.5 * math.pi * tau)
+
+
+class RowRandom:
+    """Uniforms from one generator for the batch, or from one generator per row (batch-independent samples)."""
+
+    def __init__(self, generator, batch_size: int, device):
+        self.per_row = isinstance(generator, (list, tuple))
+        if self.per_row and len(generator) != batch_size:
+            raise ValueError(f"generator: {len(generator)} generators for {batch_size} rows")
+        self.g, self.device = generator, device
+
+    def rows(self, counts: list[int], width: int) -> torch.Tensor:
+        """(sum(counts), width) float64 uniforms; the first counts[0] rows belong to batch row 0, and so on."""
+        if not self.per_row:
+            return torch.rand(sum(counts), width, generator=self.g, dtype=torch.float64, device=self.device)
+        parts = [torch.rand(c, width, generator=g, dtype=torch.float64, device=self.device)
+                 for c, g in zip(counts, self.g) if c]
+        return torch.cat(parts) if parts else torch.empty(0, width, dtype=torch.float64, device=self.device)
+
+    def grid(self, B: int, L: int) -> torch.Tensor:
+        return self.rows([1] * B, L)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Float64 logits / temperature with everything outside the top-k and the top-p nucleus set to -inf."""
+    x = logits.double() / (temperature if temperature > 0 else 1.0)
+    if top_k and top_k < x.shape[-1]:
+        kth = x.topk(top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        x = x.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return x
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
+                  uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Categorical sample of softmax(logits / temperature) via Gumbel-max in float64; argmax at temperature 0.
+
+    ``uniforms`` (logits' shape, float64) are used when given, else drawn from ``generator``.
+    """
     if temperature <= 0:
         return logits.argmax(-1)
-    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
-    exp_noise = -torch.log(u.clamp_min(1e-300))  # Exp(1) noise, > 0
-    gumbel = -torch.log(exp_noise.clamp_min(1e-300))
+    u = uniforms if uniforms is not None else torch.rand(logits.shape, generator=generator, dtype=torch.float64,
+                                                         device=logits.device)
+    # -log(-log u); the inner clamp keeps u -> 1 finite (a bracket misplaced here makes every draw NaN).
+    gumbel = -torch.log((-torch.log(u.clamp_min(1e-300))).clamp_min(1e-300))
     return (logits.double() / temperature + gumbel).argmax(-1)
+
+
+def _draw(logits: torch.Tensor, positions: torch.Tensor, cfg: SamplerConfig, rng: RowRandom, banned=()):
+    """Tokens and model probabilities of them at ``positions`` (B, L) bool: (N,) ids, (N,) float64 probs.
+
+    ``banned`` ids ([MASK], forbidden tokens) get probability 0; the network's logits are never written to.
+    """
+    sel = logits[positions].double()  # (N, V)
+    if banned:
+        sel[:, list(banned)] = -math.inf
+    if cfg.temperature > 0:
+        filtered = filter_logits(sel, cfg.temperature, cfg.top_k, cfg.top_p)  # already divided by temperature
+        tokens = gumbel_argmax(filtered, 1.0, uniforms=rng.rows(positions.sum(1).tolist(), sel.shape[-1]))
+    else:
+        tokens = sel.argmax(-1)
+    probs = sel.softmax(-1).gather(-1, tokens[:, None]).squeeze(1)  # LLaDA's confidence: the model's p(token)
+    return tokens, probs
+
+
+def _blocks(to_fill: torch.Tensor, block_length: int) -> list[tuple[int, int]]:
+    L = to_fill.shape[1]
+    cols = to_fill.any(0).nonzero().squeeze(1)
+    if not block_length or cols.numel() == 0:
+        return [(0, L)]
+    start = int(cols[0])  # blocks start at the first generated column (after a prompt), as in LLaDA
+    return [(s, min(s + block_length, L)) for s in range(start, L, block_length)]
+
+
+@torch.no_grad()
+def generate(model, canvas: torch.Tensor, mask_token_id: int, cfg: SamplerConfig, generator=None,
+             attention_mask: torch.Tensor | None = None) -> SampleOutput:
+    """Fill the ``[MASK]`` positions of ``canvas`` (B, L); every other position is fixed and returned unchanged."""
+    z = canvas.clone()
+    to_fill = z == mask_token_id
+    B, L = z.shape
+    rng = RowRandom(generator, B, z.device)
+    blocks = _blocks(to_fill, cfg.block_length)
+    if cfg.steps < len(blocks):
+        raise ValueError(f"--steps: {cfg.steps} steps cannot cover {len(blocks)} blocks of {cfg.block_length}")
+    cols = torch.arange(L, device=z.device)
+    banned = (mask_token_id, *cfg.forbidden_token_ids)
+    calls = steps_run = 0
+    cached_input = cached_logits = None
+    for j, (lo, hi) in enumerate(blocks):
+        in_block = to_fill & (cols >= lo) & (cols < hi)  # (B, L)
+        total = in_block.sum(1)  # (B,) positions this block generates per row
+        n_steps = cfg.steps // len(blocks) + (j < cfg.steps % len(blocks))
+        for i in range(n_steps):
+            still = (z == mask_token_id) & in_block
+            if not still.any():
+                break
+            steps_run += 1
+            if not (cfg.use_cache and cached_input is not None and torch.equal(z, cached_input)):
+                logits = model(z, attention_mask) if attention_mask is not None else model(z)
+                cached_input, cached_logits = z.clone(), logits
+                calls += 1
+            m_now, m_next = masked_fraction(cfg.step_schedule, i / n_steps), \
+                masked_fraction(cfg.step_schedule, (i + 1) / n_steps)
+            if cfg.method == "ancestral":
+                p_reveal = (m_now - m_next) / m_now if m_now > 0 else 1.0
+                commit = still & (rng.grid(B, L) < p_reveal)
+                tokens, _ = _draw(cached_logits, commit, cfg, rng, banned)
+            else:
+                tokens_all, conf = _draw(cached_logits, still, cfg, rng, banned)
+                if cfg.method == "random":
+                    conf = rng.rows(still.sum(1).tolist(), 1).squeeze(1)
+                # Commit round(total * (1 - m_next)) tokens by the end of this step, in confidence order.
+                target = (total.double() * (1.0 - m_next)).round().long()
+                n_now = (target - (total - still.sum(1))).clamp(min=0)  # (B,)
+                score = torch.full((B, L), -math.inf, dtype=torch.float64, device=z.device)
+                score[still] = conf
+                rank = torch.sort(score, dim=1, descending=True, stable=True).indices.argsort(1)
+                commit = still & (rank < n_now[:, None])
+                tokens = tokens_all[commit[still]]
+            z[commit] = tokens
+    return SampleOutput(z, calls, steps_run)
 
 
 @torch.no_grad()
@@ -29,21 +207,80 @@ def ancestral_sample(model, schedule: NoiseSchedule, num_samples: int, seq_len: 
                      forbidden_token_ids: tuple = (), device=None) -> torch.Tensor:
     """Draw ``num_samples`` sequences of ``seq_len`` tokens in ``steps`` reverse steps from all-[MASK]."""
     device = device or next(model.parameters()).device
-    z = torch.full((num_samples, seq_len), mask_token_id, dtype=torch.long, device=device)
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    for i in range(steps):
-        t, s = ts[i], ts[i + 1]
-        masked = z == mask_token_id
-        if not masked.any():
-            break
-        logits = model(z).float()
-        logits[..., mask_token_id] = -torch.inf
-        for tok in forbidden_token_ids:
-            logits[..., tok] = -torch.inf
-        x0 = gumbel_argmax(logits, temperature, generator)
-        a_t, a_s = schedule.alpha(t), schedule.alpha(s)
-        p_reveal = float((a_s - a_t) / (1.0 - a_t)) if i < steps - 1 else 1.0
-        u = torch.rand(z.shape, generator=generator, dtype=torch.float64, device=device)
-        reveal = masked & (u < p_reveal)
-        z = torch.where(reveal, x0, z)
+    canvas = torch.full((num_samples, seq_len), mask_token_id, dtype=torch.long, device=device)
+    cfg = SamplerConfig(steps=steps, method="ancestral", step_schedule=schedule, temperature=temperature,
+                        forbidden_token_ids=tuple(forbidden_token_ids))
+    return generate(model, canvas, mask_token_id, cfg, generator).ids
+
+
+@torch.no_grad()
+def ar_generate(model, prompt: torch.Tensor, length: int, cfg: SamplerConfig, generator=None) -> torch.Tensor:
+    """Left-to-right sampling from a causal model: (B, P) prompt -> (B, length) with the prompt as its prefix."""
+    z, B = prompt.clone(), prompt.shape[0]
+    rng = RowRandom(generator, B, z.device)
+    take_last = torch.zeros(B, 1, dtype=torch.bool, device=z.device)
+    take_last[:, -1] = True
+    while z.shape[1] < length:
+        logits = model(z)[:, -1:]  # (B, 1, V)
+        tokens, _ = _draw(logits, take_last, cfg, rng, cfg.forbidden_token_ids)
+        z = torch.cat([z, tokens[:, None]], 1)
     return z
+
+
+def sample_generators(seed: int, indices, device="cpu") -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, the sample's global index): the same sample on any process."""
+    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + int(i) * 7_919 + 1) % 2**63)
+            for i in indices]
+
+
+def build_canvas(tokenizer, seq_len: int, prompt: str = "", template: str = "") -> torch.Tensor:
+    """(L,) canvas: a template with ``[MASK]`` wherever text is to be generated (any infilling pattern), or a
+    prompt prefix followed by masks up to ``seq_len``, or all masks."""
+    mask = tokenizer.mask_token_id
+    if template:
+        ids = tokenizer(template, add_special_tokens=False)["input_ids"]
+        if mask not in ids:
+            raise ValueError(f"--template: no {tokenizer.mask_token} in {template!r}; nothing to generate")
+        return torch.tensor(ids)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    if len(ids) >= seq_len:
+        raise ValueError(f"--prompt: {len(ids)} tokens leave nothing to generate in --seq-len {seq_len}")
+    return torch.tensor(ids + [mask] * (seq_len - len(ids)), dtype=torch.long)
+
+
+@torch.no_grad()
+def sample_checkpoint(model, tokenizer, indices: list[int], cfg: SamplerConfig, seed: int, canvas: torch.Tensor,
+                      batch_size: int = 8, first_tokens: list[int] | None = None) -> tuple[list[dict], int]:
+    """Samples ``indices`` of a run (diffusion or, with ``model.config.causal``, AR) as
+    [{index, ids, text}], plus the number of network calls made (AR: one per generated token).
+
+    An AR model trained on packed rows never learns p(first token of a row): without a prompt, AR sample i starts
+    from ``first_tokens[i % len]`` (the first tokens of validation rows), else from BOS, which is out of
+    distribution for corpora packed without one (the Markov corpus).
+    """
+    device = next(model.parameters()).device
+    out, calls = [], 0
+    for lo in range(0, len(indices), batch_size):
+        idx = indices[lo:lo + batch_size]
+        gens = sample_generators(seed, idx, device)
+        rows = canvas.to(device).expand(len(idx), -1).clone()
+        if model.config.causal:
+            fixed = int((rows[0] != tokenizer.mask_token_id).long().cumprod(0).sum())  # the prompt prefix
+            if (rows[0, fixed:] != tokenizer.mask_token_id).any():
+                raise ValueError("an autoregressive checkpoint can only continue a prefix, not fill a template")
+            if fixed:
+                prompt = rows[:, :fixed]
+            elif first_tokens:
+                prompt = torch.tensor([[first_tokens[i % len(first_tokens)]] for i in idx], device=device)
+            else:
+                prompt = torch.full((len(idx), 1), tokenizer.bos_token_id, device=device)
+            special = (tokenizer.mask_token_id, tokenizer.bos_token_id)
+            ar_cfg = replace(cfg, forbidden_token_ids=tuple(cfg.forbidden_token_ids) + special)
+            ids = ar_generate(model, prompt, rows.shape[1], ar_cfg, gens)
+            calls += rows.shape[1] - prompt.shape[1]
+        else:
+            res = generate(model, rows, tokenizer.mask_token_id, cfg, gens)
+            ids, calls = res.ids, calls + res.network_calls
+        for i, row in zip(idx, ids.tolist()):
+            out.append({"index": i, "ids": row, "text": tokenizer.decode(row, skip_special_tokens=True)})
+    return out, calls

@@ -29,3 +29,15 @@ def tiny_overrides(tmp_path, **extra):
 @pytest.fixture
 def tiny(tmp_path):
     return lambda **kw: tiny_overrides(tmp_path, **kw)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and spinning OpenMP threads on the shared 2-core
+    machine slow them down by an order of magnitude."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,115 @@
+"""Generate text from a checkpoint: masked-diffusion samplers (``tdlm/sampling.py``) or, for an AR checkpoint,
+left-to-right sampling with the same temperature / top-k / top-p.
+
+    python eval/generate.py --checkpoint runs/markov --num-samples 8 --steps 128 --out samples.jsonl
+    python eval/generate.py --checkpoint CKPT --method low_confidence --steps 64 --block-length 16 --temperature 0
+    python eval/generate.py --checkpoint CKPT --prompt "def main" --top-p 0.9      # prefix
+    python eval/generate.py --checkpoint CKPT --template "a b [MASK] [MASK] c [MASK] d"   # infilling
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no eval/generate.py --checkpoint CKPT --num-samples 8 --out s.jsonl   # same samples
+
+Sample i is drawn with its own generator seeded by (--seed, i), so the samples do not depend on the batch size
+or the number of processes. Writes one JSON object per sample ({index, text, ids}) to --out, sorted by index,
+and prints a summary (with --json, one JSON object: network calls, steps, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tdlm.accel import gather_objects, run_script, shard
+from tdlm.likelihood import eval_split
+from tdlm.runs import load_checkpoint
+from tdlm.sampling import METHODS, STEP_SCHEDULES, SamplerConfig, build_canvas, sample_checkpoint
+
+
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=64, help="reverse steps in total (over all blocks)")
+    p.add_argument("--method", default="ancestral", choices=METHODS)
+    p.add_argument("--step-schedule", default="linear", choices=STEP_SCHEDULES)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--block-length", type=int, default=0, help="semi-autoregressive blocks (0 = one block)")
+    p.add_argument("--no-cache", action="store_true", help="call the network even when nothing was revealed")
+
+
+def sampler_config(args, tokenizer) -> SamplerConfig:
+    return SamplerConfig(steps=args.steps, method=args.method, step_schedule=args.step_schedule,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         block_length=args.block_length, use_cache=not args.no_cache,
+                         forbidden_token_ids=(tokenizer.pad_token_id,))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (see --which)")
+    p.add_argument("--which", default="best", choices=["best", "latest"])
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=0, help="0 = the run's data.seq_len")
+    p.add_argument("--prompt", default="", help="fixed prefix text")
+    p.add_argument("--template", default="", help="text with [MASK] where tokens are generated (infilling)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="per process")
+    p.add_argument("--out", help="JSONL file for the samples")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_sampler_args(p)
+    return p.parse_args(argv)
+
+
+def first_tokens(ck, accelerator) -> list[int] | None:
+    """First tokens of the run's validation rows: the start of unprompted AR samples (None without the data)."""
+    if ck.config is None:
+        return None
+    with accelerator.main_process_first():
+        ds = eval_split("validation", ck.tokenizer, ck.config.data.seq_len, ck.config)
+    return [int(r[0]) for r in ds["input_ids"]]
+
+
+def run(args, accelerator) -> tuple[list[dict], dict]:
+    ck = load_checkpoint(args.checkpoint, args.which)
+    tok = ck.tokenizer
+    seq_len = args.seq_len or (ck.config.data.seq_len if ck.config else ck.model.config.max_seq_len)
+    canvas = build_canvas(tok, seq_len, args.prompt, args.template)
+    cfg = sampler_config(args, tok)
+    model = ck.model.to(accelerator.device)
+    first = first_tokens(ck, accelerator) if ck.causal and not args.prompt else None
+    start = time.perf_counter()
+    mine, calls = sample_checkpoint(model, tok, shard(accelerator, args.num_samples), cfg, args.seed, canvas,
+                                    args.batch_size, first)
+    samples = sorted(gather_objects(accelerator, mine), key=lambda s: s["index"])
+    calls = sum(gather_objects(accelerator, [calls]))
+    summary = {"checkpoint": str(ck.path), "causal": ck.causal, "num_samples": len(samples), "seq_len": len(canvas),
+               "method": "autoregressive" if ck.causal else cfg.method, "steps": args.steps,
+               "network_calls": calls, "seconds": time.perf_counter() - start, "seed": args.seed,
+               "num_processes": accelerator.num_processes}
+    return samples, summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    code, result, is_main = run_script(lambda accelerator: run(args, accelerator))
+    if code or not is_main:
+        return code
+    samples, summary = result
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("".join(json.dumps(s) + "\n" for s in samples))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for s in samples:
+            print(f"--- sample {s['index']} ---\n{s['text']}")
+        print(f"{len(samples)} samples, {summary['network_calls']} network calls, {summary['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

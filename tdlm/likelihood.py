@@ -1,0 +1,231 @@
+"""Likelihood of a checkpoint on a dataset: the masked-diffusion NELBO with three Monte-Carlo estimators, or the
+exact next-token NLL of an autoregressive checkpoint.
+
+All three diffusion estimators are unbiased for the quantity the trainer reports as ``val/loss``,
+
+    N(x) = E_{t ~ U[t_min, 1]} [ w(t) * sum_{i masked} -log p(x_i | z_t) ],   w = -alpha'/(1 - alpha),
+
+summed over sequences and divided by the number of valid tokens:
+
+- ``iid``: t ~ U[t_min, 1] per sequence; every valid token masked independently with probability m = 1 - alpha(t).
+- ``stratified``: as iid, but in each pass the N evaluated sequences get one t from each of N equal strata of
+  [t_min, 1] (a random permutation assigns strata), so the spread of t over the set is the same every pass.
+- ``exact-k`` (LLaDA ``get_log_likelihood.py``; RADD's k-DCE): k ~ U{1..L} with L the sequence's valid tokens,
+  exactly k of them masked uniformly at random, weight (L / k) * c_k. Substituting m = 1 - alpha(t) gives
+  N = 1/(1 - t_min) * int_{m(t_min)}^{m(1)} (1/m) E_{M ~ Bern(m)^L}[ sum_{i in M} l_i ] dm, and integrating
+  m^(k-1) (1-m)^(L-k) over m for every mask set of size k yields
+  N = sum_k (1/k) c_k E_{|M|=k}[ sum_{i in M} l_i ],  c_k = (I_{m(1)}(k, L-k+1) - I_{m(t_min)}(k, L-k+1)) / (1 - t_min)
+  with I the regularised incomplete beta function. For t_min = 0 and the linear schedule c_k = 1: LLaDA's L/k.
+  Because the same truncation is applied, all three estimators target exactly the same number.
+
+Noise never depends on the process or the batch: each sequence's draws come from a generator seeded by
+(seed, pass, the sequence's global index ``idx``), and stratum assignments from (seed, pass). Per-sequence sums
+are gathered across processes and summed in index order, so any number of processes gives the same result.
+
+The reported standard error is the Monte-Carlo one: the spread of the K per-pass estimates over the whole set,
+std / sqrt(K) (K >= 2; it is the only form valid for stratified t, whose sequences are not independent).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .diffusion import NoiseSchedule, ar_token_losses, diffusion_token_losses
+
+ESTIMATORS = ("stratified", "iid", "exact-k")
+
+
+def noise_generator(seed: int, pass_idx: int, index: int) -> torch.Generator:
+    """The generator for one (pass, sequence): a function of the global index only, never of the rank."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + pass_idx * 998_244_353 + index * 7_919 + 17) % 2**63)
+
+
+class NelboEstimator:
+    """Draws the masking noise and the per-sequence weight for one of ``ESTIMATORS``."""
+
+    def __init__(self, name: str, schedule: NoiseSchedule, t_min: float, seed: int, num_sequences: int):
+        if name not in ESTIMATORS:
+            raise ValueError(f"--estimator: unknown estimator {name!r}; valid: {', '.join(ESTIMATORS)}")
+        if not 0.0 <= t_min < 1.0:
+            raise ValueError(f"--t-min: must be in [0, 1), got {t_min}")
+        if name != "exact-k" and t_min == 0.0:
+            # With iid masks, P(any token masked) ~ L t while w = 1/t: the variance diverges like log(1/t_min).
+            raise ValueError(f"--t-min: the {name} estimator needs t_min > 0 (infinite variance at 0); "
+                             f"exact-k works with t_min = 0")
+        self.name, self.schedule, self.t_min, self.seed, self.n = name, schedule, t_min, seed, num_sequences
+        t = torch.tensor([t_min, 1.0], dtype=torch.float64)
+        self.m_lo, self.m_hi = (float(v) for v in schedule.mask_prob(t))
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _strata(self, pass_idx: int) -> torch.Tensor:
+        """Stratum of every sequence in this pass: one permutation of 0..N-1, the same on every process."""
+        if pass_idx not in self._perms:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + pass_idx * 998_244_353 + 424_242) % 2**63)
+            self._perms[pass_idx] = torch.randperm(self.n, generator=g)
+        return self._perms[pass_idx]
+
+    def exact_k_weight(self, k: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """(L / k) * c_k in float64 (see the module docstring); exactly L / k for t_min = 0, linear schedule."""
+        from scipy.special import betainc
+
+        k64, length64 = k.double(), length.double()
+        a, b = k64.numpy(), (length64 - k64 + 1).numpy()
+        c = (torch.from_numpy(betainc(a, b, self.m_hi)) - torch.from_numpy(betainc(a, b, self.m_lo)))
+        if self.m_lo == 0.0 and self.m_hi == 1.0:
+            c = torch.ones_like(k64)  # exact in floating point
+        return length64 / k64 * c / (1.0 - self.t_min)
+
+    def noise(self, valid: torch.Tensor, index: torch.Tensor, pass_idx: int):
+        """Masked positions (B, L) bool (never on pads) and per-sequence weights (B,) float64."""
+        B, L = valid.shape
+        valid_cpu = valid.cpu()
+        # One draw of L + 1 uniforms per sequence from its own generator: u[:, 0] picks t (or k), u[:, 1:] the mask.
+        u = torch.stack([torch.rand(L + 1, generator=noise_generator(self.seed, pass_idx, i), dtype=torch.float64)
+                         for i in index.tolist()]) if B else torch.empty(0, L + 1, dtype=torch.float64)
+        if self.name == "exact-k":
+            lengths = valid_cpu.sum(1)  # (B,)
+            k = (u[:, 0] * lengths).floor().long().clamp(max=lengths - 1) + 1  # k ~ U{1..L_valid}
+            scores = u[:, 1:].masked_fill(~valid_cpu, 2.0)  # pads rank last
+            ranks = scores.argsort(1).argsort(1)  # a uniformly random order of the valid positions
+            masked = (ranks < k[:, None]) & valid_cpu
+            weight = torch.where(lengths > 0, self.exact_k_weight(k.clamp_min(1), lengths.clamp_min(1)), 0.0)
+        else:
+            u_t = u[:, 0]
+            if self.name == "stratified":
+                u_t = (self._strata(pass_idx)[index.cpu()].double() + u_t) / self.n
+            t = self.t_min + (1.0 - self.t_min) * u_t  # (B,) float64
+            masked = (u[:, 1:] < self.schedule.mask_prob(t)[:, None]) & valid_cpu
+            weight = self.schedule.weight(t)
+        return masked.to(valid.device), weight.to(valid.device)
+
+
+@torch.no_grad()
+def sequence_nelbo(model, ids: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, mask_token_id: int,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence weighted CE over masked positions, (B,) float64 (CE in float32 as in training)."""
+    B = ids.shape[0]
+    noisy = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
+    logits = model(noisy, attention_mask, logits_mask=masked)  # (M, V)
+    ce = diffusion_token_losses(logits, ids[masked]).double()  # (M,)
+    rows = torch.arange(B, device=ids.device)[:, None].expand_as(ids)[masked]  # (M,)
+    return torch.zeros(B, dtype=torch.float64, device=ids.device).index_add_(0, rows, ce * weight[rows])
+
+
+@torch.no_grad()
+def sequence_ar_nll(model, ids: torch.Tensor, valid: torch.Tensor, attention_mask=None):
+    """Exact next-token NLL per sequence (B,) float64 and its number of targets (B,)."""
+    nll, tgt_valid = ar_token_losses(model(ids, attention_mask), ids, valid)
+    return nll.double().sum(1), tgt_valid.double().sum(1)
+
+
+@dataclass
+class LikelihoodResult:
+    nelbo_per_token: float
+    stderr: float | None
+    num_tokens: int
+    num_sequences: int
+    per_pass: list = field(default_factory=list)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nelbo_per_token)
+
+
+def summarize(rows: torch.Tensor) -> LikelihoodResult:
+    """rows (N, 2 + K) float64 = [idx, tokens, sum_pass_1 .. sum_pass_K] of every sequence, any order."""
+    rows = rows[rows[:, 0].argsort()]  # index order: the float64 sums do not depend on the sharding
+    tokens = rows[:, 1].sum()
+    per_pass = rows[:, 2:].sum(0) / tokens  # (K,)
+    K = per_pass.numel()
+    stderr = float(per_pass.std(unbiased=True) / math.sqrt(K)) if K > 1 else None
+    return LikelihoodResult(float(per_pass.mean()), stderr, int(tokens), rows.shape[0], per_pass.tolist())
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator, pad_token_id: int, mask_token_id: int, causal: bool,
+             estimator: NelboEstimator | None = None, passes: int = 1) -> LikelihoodResult:
+    """NELBO (or exact AR NLL) per valid token over a prepared dataloader of {input_ids, idx[, attention_mask]}.
+
+    Every process evaluates its shard; per-sequence sums are gathered (``gather_for_metrics`` drops the rows
+    Accelerate repeats to even out shards) and every process returns the same result.
+    """
+    model.eval()
+    gathered = []
+    for batch in dataloader:
+        ids, idx = batch["input_ids"], batch["idx"]
+        attn = batch.get("attention_mask")
+        valid = ids != pad_token_id
+        if causal:
+            nll, n_tgt = sequence_ar_nll(model, ids, valid, attn)
+            sums, tokens = nll[:, None], n_tgt
+        else:
+            sums = torch.stack([sequence_nelbo(model, ids, *estimator.noise(valid, idx, p), mask_token_id, attn)
+                                for p in range(passes)], 1)  # (B, K)
+            tokens = valid.double().sum(1)
+        rows = torch.cat([idx.double()[:, None], tokens[:, None], sums], 1)  # (B, 2 + K)
+        gathered.append(accelerator.gather_for_metrics(rows).cpu())
+    return summarize(torch.cat(gathered))
+
+
+def eval_split(split: str, tokenizer, seq_len: int, run_config=None, data_dir: str | None = None,
+               text_files: list | None = None, max_sequences: int = 0):
+    """The dataset to score: raw text files (tokenized with the checkpoint's tokenizer and packed to
+    ``seq_len``), a directory from ``data_prep/prepare.py``, or else the run's own data config."""
+    from .config import ConfigError, DataSection
+    from .data import _read_files, _tokenize_and_pack, load_prepared, resolve_data
+
+    if text_files:
+        texts = _read_files(DataSection(source="files", paths=list(text_files)))
+        ds = _tokenize_and_pack(texts, tokenizer, seq_len, packing=True, add_special=True, num_proc=1)
+    else:
+        if data_dir:
+            data = load_prepared(data_dir)
+        elif run_config is not None:
+            data = resolve_data(run_config.data, log=lambda *a: None)
+        else:
+            raise ConfigError("no data: pass --data DIR (prepared) or --text FILE..., or use a checkpoint inside "
+                              "its run dir (config.yaml)")
+        if split not in ("train", "validation"):
+            raise ConfigError(f"--split: {split!r} is not train or validation")
+        ds = getattr(data, split)
+    if max_sequences:
+        ds = ds.select(range(min(max_sequences, len(ds))))
+    return ds.with_format("torch")
+
+
+def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: str | None = None,
+                          text_files: list | None = None, estimator: str = "stratified", passes: int = 4,
+                          seed: int = 0, t_min: float | None = None, batch_size: int = 16,
+                          max_sequences: int = 0) -> dict:
+    """Perplexity of a loaded checkpoint (``tdlm.runs.load_checkpoint``) as the dict eval/perplexity.py prints:
+    the NELBO bound with its Monte-Carlo stderr (schedule and t_min from the run's config unless given), or the
+    exact AR perplexity (stderr 0)."""
+    from .data import Collator
+    from .diffusion import make_schedule
+
+    tok, cfg = ck.tokenizer, ck.config
+    seq_len = cfg.data.seq_len if cfg else ck.model.config.max_seq_len
+    with accelerator.main_process_first():
+        ds = eval_split(split, tok, seq_len, cfg, data_dir, text_files, max_sequences)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=Collator(tok.pad_token_id))
+    model, dl = accelerator.prepare(ck.model, dl)
+    schedule_name = cfg.diffusion.schedule if cfg else "linear"
+    t_min = t_min if t_min is not None else (cfg.diffusion.t_min if cfg else 1e-3)
+    est = None
+    if not ck.causal:
+        schedule = make_schedule(schedule_name, cfg.diffusion.loglinear_eps if cfg else 1e-3)
+        est = NelboEstimator(estimator, schedule, t_min, seed, len(ds))
+    passes = 1 if ck.causal else passes
+    res = evaluate(model, dl, accelerator, tok.pad_token_id, tok.mask_token_id, ck.causal, est, passes)
+    del model, dl  # prepared objects must not outlive the accelerator (gloo teardown)
+    return {"checkpoint": str(ck.path), "step": ck.state.get("step"), "split": split,
+            "kind": "exact" if ck.causal else "bound",
+            "nelbo_per_token": res.nelbo_per_token, "perplexity_bound": res.perplexity, "perplexity": res.perplexity,
+            "stderr": 0.0 if ck.causal else res.stderr, "mc_passes": passes,
+            "estimator": "exact-autoregressive" if ck.causal else estimator, "num_tokens": res.num_tokens,
+            "num_sequences": res.num_sequences, "seed": seed, "per_pass": res.per_pass,
+            "schedule": None if ck.causal else schedule_name, "t_min": None if ck.causal else t_min,
+            "num_processes": accelerator.num_processes}

@@ -1,0 +1,300 @@
+"""The eval/ scripts end to end on real checkpoints of a tiny diffusion run and a tiny AR run."""
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from tdlm.config import load_config
+from tdlm.train import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def load_script(name):
+    """eval/ holds scripts, not a package: load one by file."""
+    spec = importlib.util.spec_from_file_location(f"eval_{name}", ROOT / "eval" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+perplexity, generate, gen_ppl, compare, review = map(load_script, ["perplexity", "generate", "gen_ppl", "compare",
+                                                                   "review"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A diffusion run (with an offline wandb run beside metrics.jsonl) and an AR run, 24 steps each."""
+    tmp = tmp_path_factory.mktemp("eval")
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the one_thread fixture is per test and starts after this one
+    for name, extra in (("diff", {"wandb.enabled": True, "wandb.mode": "offline"}), ("ar", {"model.causal": True})):
+        cfg = load_config(None, tiny_overrides(tmp, **{"trainer.run_name": name, "trainer.max_steps": 24,
+                                                       "trainer.eval_every_n_steps": 8, "trainer.eval_batches": 0,
+                                                       "trainer.save_every_n_steps": 24, **extra}))
+        trainer = Trainer(cfg)
+        result = trainer.train()
+        trainer.close()
+        out[name] = {"dir": cfg.run_dir, "result": result, "cfg": cfg}
+    torch.set_num_threads(threads)
+    return out
+
+
+def run_json(script, argv, capsys):
+    capsys.readouterr()
+    assert script.main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_perplexity_json_deterministic_estimators_agree_and_ar_is_exact(runs, capsys):
+    ckpt = str(runs["diff"]["dir"])
+    res = {e: run_json(perplexity, ["--checkpoint", ckpt, "--estimator", e, "--mc-passes", "6", "--json"], capsys)
+           for e in ("stratified", "iid", "exact-k")}
+    for e, r in res.items():
+        assert {"nelbo_per_token", "perplexity_bound", "stderr", "mc_passes", "estimator", "num_tokens",
+                "seed"} <= set(r)
+        assert r["estimator"] == e and r["mc_passes"] == 6 and r["num_tokens"] == 31 * 32 and r["kind"] == "bound"
+        assert r["perplexity_bound"] == pytest.approx(math.exp(r["nelbo_per_token"]), rel=1e-12)
+        assert 0 < r["stderr"] < 0.1 * r["nelbo_per_token"]
+    a, b = res["stratified"], res["exact-k"]  # two unbiased estimators of one number
+    assert abs(a["nelbo_per_token"] - b["nelbo_per_token"]) < 4 * math.hypot(a["stderr"], b["stderr"])
+    again = run_json(perplexity, ["--checkpoint", ckpt, "--estimator", "exact-k", "--mc-passes", "6", "--json"], capsys)
+    assert again["per_pass"] == b["per_pass"]  # deterministic for a seed
+    other = run_json(perplexity, ["--checkpoint", ckpt, "--estimator", "exact-k", "--mc-passes", "6", "--seed", "1",
+                                  "--json"], capsys)
+    assert other["per_pass"] != b["per_pass"]
+    # the AR checkpoint's exact perplexity is the trainer's own validation loss on the whole split
+    ar = run_json(perplexity, ["--checkpoint", str(runs["ar"]["dir"]), "--which", "latest", "--json"], capsys)
+    assert ar["kind"] == "exact" and ar["stderr"] == 0.0 and ar["num_tokens"] == 31 * 31
+    assert ar["nelbo_per_token"] == pytest.approx(runs["ar"]["result"]["val/loss"], rel=1e-9)
+
+
+def test_perplexity_on_prepared_dir_and_raw_text(runs, capsys, tmp_path):
+    ckpt = str(runs["diff"]["dir"])
+    base = ["--checkpoint", ckpt, "--estimator", "exact-k", "--mc-passes", "2", "--json"]
+    default = run_json(perplexity, base, capsys)
+    cache = Path(runs["diff"]["cfg"].data.cache_dir)
+    prepared = next(p for p in cache.iterdir() if (p / "info.json").is_file())
+    assert run_json(perplexity, base + ["--data", str(prepared)], capsys)["per_pass"] == default["per_pass"]
+    text = tmp_path / "t.txt"
+    text.write_text("a b c d e f " * 10 + "\n\n" + "f e d c b a " * 10)
+    raw = run_json(perplexity, base + ["--text", str(text), "--split", "validation"], capsys)
+    assert raw["num_tokens"] == 2 * (60 + 2)  # [BOS] + 60 symbols + [EOS] per document, packed into 32-blocks
+    assert raw["num_sequences"] == math.ceil(124 / 32)
+    assert perplexity.main(["--checkpoint", str(tmp_path)]) == 2
+    assert "neither a checkpoint" in capsys.readouterr().err
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_perplexity_with_two_processes_matches_one(runs, capsys):
+    args = ["--checkpoint", str(runs["diff"]["dir"]), "--estimator", "stratified", "--mc-passes", "3",
+            "--batch-size", "4", "--json"]
+    one = run_json(perplexity, args, capsys)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()), str(ROOT / "eval" / "perplexity.py"), *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # printed by the main process only
+    two = json.loads(lines[0])
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    # 31 rows over 2 ranks x batch 4: Accelerate pads the last batch; gather_for_metrics must drop the copies
+    assert two["num_sequences"] == one["num_sequences"] == 31
+    assert two["per_pass"] == one["per_pass"] and two["stderr"] == one["stderr"]
+
+
+def test_generate_infills_templates_and_is_batch_independent(runs, capsys, tmp_path):
+    ckpt = str(runs["diff"]["dir"])
+    out_a, out_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    common = ["--checkpoint", ckpt, "--num-samples", "3", "--template", "a b [MASK] [MASK] c [MASK] [MASK] d",
+              "--method", "low_confidence", "--steps", "4", "--json"]
+    summary = run_json(generate, common + ["--batch-size", "2", "--out", str(out_a)], capsys)
+    run_json(generate, common + ["--batch-size", "3", "--out", str(out_b)], capsys)
+    a = [json.loads(x) for x in out_a.read_text().splitlines()]
+    assert out_a.read_text() == out_b.read_text()  # per-sample generators: batching does not matter
+    assert [s["index"] for s in a] == [0, 1, 2] and summary["network_calls"] == 2 * 4  # 2 batches x 4 steps
+    tok_ids = {ch: i + 4 for i, ch in enumerate("abcdef")}
+    for s in a:
+        assert len(s["ids"]) == 8 and not set(s["ids"]) & {0, 1}  # no [PAD] / [MASK] left
+        assert [s["ids"][i] for i in (0, 1, 4, 7)] == [tok_ids[c] for c in "abcd"]
+    # AR checkpoint: a prompt is kept as the prefix
+    run_json(generate, ["--checkpoint", str(runs["ar"]["dir"]), "--num-samples", "2", "--prompt", "c c",
+                        "--out", str(out_a), "--json"], capsys)
+    for s in map(json.loads, out_a.read_text().splitlines()):
+        assert s["ids"][:2] == [tok_ids["c"]] * 2 and len(s["ids"]) == 32
+
+
+def tiny_gpt2(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate("abcdef")}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=7, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return model.eval(), tok
+
+
+def test_gen_ppl_refuses_without_scorer_and_matches_direct_scoring(runs, capsys, tmp_path):
+    samples = tmp_path / "s.jsonl"
+    texts = ["a b c d e f a b c d e f a b c d e f a b c", "a a a a a a a a", "f e d c b a"]
+    samples.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert gen_ppl.main(["--samples", str(samples)]) == 2
+    assert "needs a causal scorer" in capsys.readouterr().err
+    assert gen_ppl.main(["--samples", str(samples), "--scorer", str(runs["diff"]["dir"])]) == 2
+    assert "masked-diffusion checkpoint" in capsys.readouterr().err
+    # a local HF GPT-2 (16 positions: the 21-token text is scored in two windows, each after <|endoftext|>)
+    model, tok = tiny_gpt2(tmp_path / "gpt2")
+    res = run_json(gen_ppl, ["--samples", str(samples), "--scorer", str(tmp_path / "gpt2"), "--json"], capsys)
+    nll, count = 0.0, 0
+    for t in texts:
+        ids = tok(t)["input_ids"]
+        for s in range(0, len(ids), 15):
+            x = torch.tensor([[0] + ids[s:s + 15]])
+            with torch.no_grad():
+                lp = model(x).logits[0, :-1].double().log_softmax(-1).gather(1, x[0, 1:, None])
+            nll, count = nll - float(lp.sum()), count + lp.numel()
+    assert res["scored_tokens"] == count == 21 + 8 + 6
+    assert res["gen_ppl"] == pytest.approx(math.exp(nll / count), rel=1e-9)
+    h_first = -3 * (4 / 21 * math.log(4 / 21)) - 3 * (3 / 21 * math.log(3 / 21))  # a, b, c x4; d, e, f x3
+    assert res["unigram_entropy"] == pytest.approx((h_first + 0.0 + math.log(6)) / 3, rel=1e-9)
+    assert res["repetition_rate_4gram"] == pytest.approx(((18 - 6) / 18 + 4 / 5 + 0.0) / 3, rel=1e-9)
+    # our AR checkpoint as the scorer of validation rows reproduces its exact validation perplexity
+    from tdlm.likelihood import eval_split
+    from tdlm.runs import load_checkpoint
+
+    ck = load_checkpoint(runs["ar"]["dir"], "latest")
+    rows = eval_split("validation", ck.tokenizer, 32, ck.config)["input_ids"]
+    samples.write_text("".join(json.dumps({"text": ck.tokenizer.decode(r)}) + "\n" for r in rows))
+    res = run_json(gen_ppl, ["--samples", str(samples), "--scorer", str(ck.path), "--json"], capsys)
+    assert res["scored_tokens"] == 31 * 31
+    assert math.log(res["gen_ppl"]) == pytest.approx(runs["ar"]["result"]["val/loss"], rel=1e-9)
+
+
+def test_compare_writes_markdown_json_and_plot(runs, capsys, tmp_path):
+    out = tmp_path / "cmp"
+    assert compare.main(["--diffusion", str(runs["diff"]["dir"]), "--ar", str(runs["ar"]["dir"]), "--out", str(out),
+                         "--scorer", str(runs["ar"]["dir"]), "--num-samples", "4", "--steps", "16",
+                         "--mc-passes", "2", "--which", "latest"]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    diff, ar = report["runs"]
+    assert diff["perplexity"]["kind"] == "bound" and ar["perplexity"]["kind"] == "exact"
+    assert ar["perplexity"]["nelbo_per_token"] == pytest.approx(runs["ar"]["result"]["val/loss"], rel=1e-9)
+    for r in (diff, ar):
+        assert r["tokens_seen"] == 24 * 8 * 32 and r["global_batch"] == 8
+        assert r["parameters"]["total"] > r["parameters"]["non_embedding"] > 0
+        assert r["generation"]["gen_ppl"] > 1 and r["generation"]["num_samples"] == 4
+        assert [p["step"] for p in r["val_vs_epochs"]] == [8, 16, 24]
+        e = r["val_vs_epochs"][-1]
+        assert e["epochs"] == pytest.approx(24 * 8 / r["train_rows"]) and r["wall_time_hours"] > 0
+    md = (out / "compare.md").read_text()
+    assert "| diff | diffusion (bound, stratified x2)" in md and "| ar | AR (exact)" in md and "vs epochs" in md
+    assert (out / "val_vs_epochs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert compare.main(["--diffusion", str(runs["ar"]["dir"]), "--ar", str(runs["ar"]["dir"]),
+                         "--out", str(out)]) == 2
+    assert "is an AR checkpoint" in capsys.readouterr().err
+
+
+def synthetic_run(path):
+    """A metrics.jsonl with the tier metrics of the metric guide and three health rules: one fires twice, one (a
+    boolean) once, one never."""
+    path.mkdir()
+    recs = []
+    for s in range(1, 51):
+        r = {"step": s, "train/loss": 3.0 - s / 25, "metrics/mask_accuracy": 0.2 + 0.01 * s,
+             "research/low_corruption_accuracy": 0.5 + 0.005 * s, "research/medium_corruption_accuracy": 0.3,
+             "research/high_corruption_accuracy": 0.2 + 0.004 * s,  # ends above medium: flagged
+             "research/gradient_norm_low_corruption": 0.1, "research/gradient_norm_high_corruption": 1.5,
+             "research/gradient_norm_medium_corruption": 1.0, "research/gradient_norm_ratio_high_to_low": 15.0,
+             "health/loss_spike": 1 if s in (10, 30) else 0, "health/grad_explosion": s == 40,
+             "health/dead_tokens": 0}
+        if s % 10 == 0:
+            r.update({"val/loss": [1.5, 1.2, 1.1, 1.15, 1.3][s // 10 - 1]})
+            r["val/perplexity"] = math.exp(r["val/loss"])
+        recs.append(r)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_review_offline_run_dirs_wandb_files_and_synthetic_tier_metrics(runs, tmp_path, capsys):
+    synthetic_run(tmp_path / "synth")
+    wandb_dirs = sorted((runs["diff"]["dir"] / "wandb").glob("offline-run-*"))
+    assert len(wandb_dirs) == 1
+    out = tmp_path / "review"
+    assert review.main(["--runs", str(runs["diff"]["dir"]), str(runs["ar"]["dir"]), str(wandb_dirs[0]),
+                        str(tmp_path / "synth"), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    by_name = {r["name"]: r for r in report["runs"]}
+    diff, wb, synth = by_name["diff"], by_name["diff-2"], by_name["synth"]
+    # the offline wandb file holds exactly what metrics.jsonl holds
+    assert wb["source"].endswith(".wandb") and wb["val_perplexity"] == diff["val_perplexity"]
+    assert wb["trends"]["train/loss"] == diff["trends"]["train/loss"]
+    assert diff["val_perplexity"]["final"] == pytest.approx(runs["diff"]["result"]["val/perplexity"], rel=1e-12)
+    assert diff["health"] == [] and "metrics/mask_accuracy" not in diff["trends"]  # absent metrics: no crash
+    # synthetic tier metrics
+    assert synth["health"] == [{"rule": "grad_explosion", "times": 1, "first_step": 40, "last_step": 40,
+                                "steps": [40]},
+                               {"rule": "loss_spike", "times": 2, "first_step": 10, "last_step": 30, "steps": [10, 30]}]
+    assert synth["val_perplexity"]["best"] == pytest.approx(math.exp(1.1)) and synth["val_perplexity"]["best_step"] == 30
+    acc = synth["trends"]["metrics/mask_accuracy"]
+    assert acc["direction"] == "up" and acc["last"] == pytest.approx(0.7)
+    text = " ".join(synth["findings"])
+    assert "good (>60%)" in text and "unnatural" in text and "extreme" in text and "overfitting" in text
+    md = (out / "report.md").read_text()
+    assert "| loss_spike | 2 | 10 | 30 |" in md and "## synth" in md and "research/medium_corruption_accuracy" in md
+    for name in ("synth.png", "diff.png", "across_runs.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+class FakeRun:
+    def __init__(self, name, rows):
+        self.name, self.id, self.config, self.rows = name, name + "-id", {"model": {"causal": False}}, rows
+
+    def scan_history(self):
+        return iter(self.rows)
+
+
+def test_review_online_path_with_the_wandb_api_mocked(monkeypatch, tmp_path):
+    import wandb
+
+    asked = []
+
+    class FakeApi:
+        def runs(self, path):
+            asked.append(path)
+            rows = [{"_step": i, "trainer/global_step": 10 * i, "train/loss": 2.0 - 0.1 * i,
+                     "val/perplexity": 5.0 - 0.5 * i, "health/nan_loss": int(i == 3), "_runtime": 1.0}
+                    for i in range(1, 6)]
+            return [FakeRun("alpha", rows), FakeRun("beta", rows[:2])]
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    assert review.main(["--project", "ent/proj", "--out", str(tmp_path / "r")]) == 0
+    assert asked == ["ent/proj"]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    alpha, beta = report["runs"]
+    assert alpha["health"][0]["rule"] == "nan_loss" and alpha["health"][0]["steps"] == [30]
+    assert alpha["val_perplexity"]["best"] == 2.5 and alpha["val_perplexity"]["best_step"] == 50
+    assert beta["last_step"] == 20 and alpha["source"] == "wandb:ent/proj/alpha-id"
