@@ -19,6 +19,10 @@ from tdlm.fsdit.data import (
 )
 
 
+# Tiny models: one intra-op thread (spinning OpenMP threads on 2 shared cores slow them ~100x).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def test_pickle_layout_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     train = (rng.integers(0, 256, (7, 3, 32, 32), dtype=np.uint8), np.array([3, 1, 4, 1, 5, 9, 2]))

@@ -21,6 +21,10 @@ from tdlm.fsdit.flow import (
 from tdlm.fsdit.model import FSDiT, FSDiTConfig
 
 
+# Tiny models: one intra-op thread (spinning OpenMP threads on 2 shared cores slow them ~100x).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 class GaussianField(nn.Module):
     """Exact marginal velocity when the data is N(mu, sigma^2) per pixel and the noise N(0, 1).
 

@@ -1,6 +1,7 @@
 """The FSDiT pieces fit together: synthetic CIFAR -> episodes -> cached SigLIP embeddings -> pooled condition ->
 flow loss and optimizer steps -> EMA -> guided sampling. Not a training loop; a shape/dtype/learning check."""
 
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -8,6 +9,10 @@ from tdlm.fsdit.data import FewShotDataset, fingerprint, load_cifar100_all, make
 from tdlm.fsdit.flow import flow_loss, make_ema, sample
 from tdlm.fsdit.model import FSDiT, FSDiTConfig
 from tdlm.fsdit.siglip import SiglipEncoder, pool_support, precompute_embeddings, tiny_siglip_config
+
+
+# Tiny models: one intra-op thread (spinning OpenMP threads on 2 shared cores slow them ~100x).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_pieces_fit_together_and_the_loss_goes_down(tmp_path):

@@ -14,6 +14,10 @@ from tdlm.fsdit.model import (
     sincos_pos_embed_2d,
 )
 
+# Tiny models: one intra-op thread (spinning OpenMP threads on 2 shared cores slow them ~100x).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 TINY = dict(image_size=8, patch_size=2, hidden_size=36, depth=2, num_heads=3, mlp_ratio=2.0, cond_dim=20)
 
 

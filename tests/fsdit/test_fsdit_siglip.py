@@ -17,6 +17,10 @@ from tdlm.fsdit.siglip import (
 )
 
 
+# Tiny models: one intra-op thread (spinning OpenMP threads on 2 shared cores slow them ~100x).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def encoder():
     return SiglipEncoder.from_config(tiny_siglip_config(), seed=0)
