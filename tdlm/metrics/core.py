@@ -144,6 +144,9 @@ class Registry:
             raise ValueError(f"{cls.__name__}: unknown needs {unknown}; {self.name} knows {sorted(self.needs)}")
         if cls.window and any(self.needs[n].expensive for n in cls.needs):
             raise ValueError(f"{cls.__name__}: an expensive need requires window = False (due steps only)")
+        taken = {s.name for s in self.specs()} & {s.name for s in cls.metrics}
+        if taken:
+            raise ValueError(f"{cls.__name__}: metric names already registered in {self.name}: {sorted(taken)}")
         cls.sources = frozenset(s for n in cls.needs for s in self.needs[n].sources)
         self.collectors.append(cls)
         return cls

@@ -472,3 +472,43 @@ def build_text_metrics(cfg, *, mask_id: int, device=None, sinks=(), is_main: boo
     health = HealthMonitor(TEXT_RULES, cfg.metrics.health, warmup_steps=cfg.optim.warmup_steps)
     return MetricRunner(TEXT.build(enabled, ctx), tier_cadences(cfg.metrics), cfg.trainer.max_steps,
                         health=health, sinks=sinks, device=device, is_main=is_main)
+
+
+REFERENCE_INTRO = """
+Every metric the text trainer logs, generated from `tdlm/metrics/text.py` (collectors: `TEXT`, rules:
+`TEXT_RULES`). Each collector belongs to one tier; a tier is switched on in YAML and reports on its cadence:
+
+```yaml
+metrics:
+  tiers: {essential: {enabled: true}, research: {enabled: true}, advanced: {enabled: true}}
+  logging_steps: 100            # essential
+  detailed_metrics_steps: 500   # research: a multiple of logging_steps
+  attention_analysis_steps: 2000  # advanced: a multiple of logging_steps
+  health: {mask_accuracy_low: {min: 0.5}}   # rule overrides, see the table at the end
+trainer:
+  eval_every_n_steps: 100       # val/*: a multiple of logging_steps
+```
+
+Config loading rejects a cadence that is not a multiple of `logging_steps`, so every panel shares the same
+x positions. A tier also reports on the last step. *Window* collectors are updated on every step and report
+over all steps since their last report; collectors that need an expensive input (extra backward or forward
+passes) run only on the steps their tier is due, so those inputs are never produced otherwise. Values are
+accumulated on the device as float64 sums and counts and combined across processes by summing before any
+ratio is taken, so N processes log what one process logs over the same global batch. Fractions are in
+[0, 1] (the guide's 40% is 0.4). A value with no data (an empty bucket) is NaN, never 0.
+
+Where the TDLM metric guide and the mathematics disagree, the maths wins: `train/loss` uses the true NELBO
+weight even when `diffusion.clip_weight` clips it for the gradient; the weight–difficulty correlation is
+expected to be negative (see `WeightDifficulty`), so the health rule fires on a positive one; `valid_ratio` is
+the share of non-pad positions. Sinks: `metrics.jsonl` (always), the console (`metrics.console`), and wandb
+(`wandb.enabled`, online or offline) where every panel uses `trainer/global_step` and panels group by prefix.
+An image trainer registers its own collectors and rules on the same core (`tdlm.metrics.core`,
+`tdlm.metrics.health`, `tdlm.metrics.functional`).
+"""
+
+
+def reference_page() -> str:
+    """The text of ``docs/metrics.md``."""
+    from tdlm.metrics.docs import render
+
+    return render(TEXT, TEXT_RULES, "Metric reference: text trainer", REFERENCE_INTRO)
