@@ -32,7 +32,8 @@ from tdlm.data import Collator, resolve_data, tokenizer_fingerprint
 from tdlm.diffusion import apply_noise, ar_token_losses, diffusion_token_losses, make_schedule, sample_t
 from tdlm.metrics.core import StepInfo
 from tdlm.metrics.sinks import ConsoleSink, JsonlSink, WandbSink
-from tdlm.metrics.text import TEXT, build_text_metrics
+from tdlm.metrics.text import TEXT
+from tdlm.metrics.text_health import build_text_metrics
 from tdlm.model import TdlmForMaskedDiffusion, build_model
 
 

@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from tdlm.metrics import docs
-from tdlm.metrics.text import TEXT, TEXT_RULES, reference_page
+from tdlm.metrics.text import TEXT
+from tdlm.metrics.text_health import TEXT_RULES, reference_page
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 
@@ -24,9 +25,9 @@ def test_page_names_every_metric_need_and_rule():
 
 def test_check_mode_reports_stale(tmp_path, capsys):
     out = tmp_path / "m.md"
-    assert docs.main(["--check", "tdlm.metrics.text:reference_page", str(out)]) == 1
-    assert docs.main(["tdlm.metrics.text:reference_page", str(out)]) == 0
-    assert docs.main(["--check", "tdlm.metrics.text:reference_page", str(out)]) == 0
+    assert docs.main(["--check", "tdlm.metrics.text_health:reference_page", str(out)]) == 1
+    assert docs.main(["tdlm.metrics.text_health:reference_page", str(out)]) == 0
+    assert docs.main(["--check", "tdlm.metrics.text_health:reference_page", str(out)]) == 0
     out.write_text(out.read_text() + "edit\n")
-    assert docs.main(["--check", "tdlm.metrics.text:reference_page", str(out)]) == 1
+    assert docs.main(["--check", "tdlm.metrics.text_health:reference_page", str(out)]) == 1
     assert "stale" in capsys.readouterr().out

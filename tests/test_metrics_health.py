@@ -8,7 +8,7 @@ import torch
 
 from tdlm.config import ConfigError, load_config
 from tdlm.metrics.health import HealthMonitor
-from tdlm.metrics.text import TEXT_RULES
+from tdlm.metrics.text_health import TEXT_RULES
 from tdlm.train import Trainer, TrainingStopped
 
 HEALTHY = {

@@ -12,6 +12,7 @@ from scipy import stats
 from tdlm.config import load_config
 from tdlm.metrics import text as T
 from tdlm.metrics.core import Inputs, MetricRunner
+from tdlm.metrics.text_health import build_text_metrics
 from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion
 from tdlm.train import StepOutputs, Trainer
 
@@ -241,7 +242,7 @@ def test_ar_run_skips_diffusion_collectors(tiny):
 
 def test_runner_built_from_config_respects_tiers(tiny):
     cfg = load_config(None, tiny(**{"metrics.tiers.research.enabled": True}))
-    runner = T.build_text_metrics(cfg, mask_id=MASK)
+    runner = build_text_metrics(cfg, mask_id=MASK)
     assert isinstance(runner, MetricRunner)
     assert {type(c).__name__ for c in runner.collectors} == {
         "TrainLoss", "Optimization", "ParamNorm", "DiffusionTime", "MaskAccuracy", "CorruptionBuckets",

@@ -1,6 +1,6 @@
 """Render a metric reference page (Markdown) from a registry and its health rules.
 
-    python -m tdlm.metrics.docs                      # rewrite docs/metrics.md from tdlm.metrics.text
+    python -m tdlm.metrics.docs                      # rewrite docs/metrics.md (the text trainer's page)
     python -m tdlm.metrics.docs --check              # exit 1 if the page is stale
     python -m tdlm.metrics.docs PKG.MOD:page OUT.md  # another domain's page (a function returning the text)
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     check = "--check" in argv
     args = [a for a in argv if a != "--check"]
-    target, path = (args + ["tdlm.metrics.text:reference_page", "docs/metrics.md"][len(args):])[:2]
+    target, path = (args + ["tdlm.metrics.text_health:reference_page", "docs/metrics.md"][len(args):])[:2]
     module, func = target.split(":")
     text = getattr(importlib.import_module(module), func)()
     path = Path(path)

@@ -1,4 +1,4 @@
-"""Pure metric maths shared by the text and image collectors: tensors in, tensors out, no state, no host sync.
+"""Pure metric maths for the collectors (text and image): tensors in, tensors out, no state, no host sync.
 
 Every reduction returns *sums and counts* so a collector can add them to sum-reduced states; the ratio is
 taken once, at ``compute`` time, over the whole window and all processes.
@@ -46,6 +46,31 @@ def std_from_moments(n: torch.Tensor, s: torch.Tensor, ss: torch.Tensor) -> torc
 def bucketize_ratio(r: torch.Tensor, edges: tuple[float, ...]) -> torch.Tensor:
     """Bucket index of each ratio: edges (0.3, 0.7) give [0, .3) -> 0, [.3, .7) -> 1, [.7, 1] -> 2."""
     return torch.bucketize(r, torch.tensor(edges, dtype=r.dtype, device=r.device), right=True)
+
+
+def token_rows(masked: torch.Tensor) -> torch.Tensor:
+    """(M,) row index of each selected position of a (B, L) mask, in row-major order (that of ``x[masked]``)."""
+    return torch.arange(masked.shape[0], device=masked.device)[:, None].expand_as(masked)[masked]
+
+
+def mask_ratio_buckets(masked: torch.Tensor, valid: torch.Tensor,
+                       edges: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) bucket of each sequence by its realised mask ratio (masked / valid), and (B,) has-valid-tokens."""
+    n_valid = valid.sum(1)
+    return bucketize_ratio(masked.sum(1).double() / n_valid.clamp_min(1), edges), n_valid > 0
+
+
+def prediction_stats(logits: torch.Tensor, target: torch.Tensor,
+                     ce: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M,) argmax == target, and (M,) float64 difficulty 1 − max_v p(v), from logits (M, V) and their CE (M,).
+
+    p_max = exp(max logit − logsumexp), and the logsumexp is free from the CE already computed:
+    CE = lse − logit[target]. Only the max over V is a new pass over the logits.
+    """
+    logits = logits.detach().float()
+    top, pred = logits.max(-1)
+    lse = ce.detach().double() + logits.gather(1, target[:, None])[:, 0].double()
+    return pred == target, 1.0 - torch.exp(top.double() - lse)
 
 
 def attention_entropy_sums(probs: torch.Tensor, key_valid: torch.Tensor | None,
