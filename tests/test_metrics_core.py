@@ -112,6 +112,21 @@ def test_runner_cadence_window_and_due_only():
     assert all(isinstance(x, float) for v in logged.values() for x in v.values())
 
 
+def test_runner_passes_media_through_and_sinks_get_one_record():
+    hist = object()  # stands for a wandb.Histogram an image collector might return
+
+    class Media(Mean):
+        def compute(self):
+            return {"toy/count": self.count, "toy/hist": hist, "toy/int": 3}
+    got = []
+    sink = type("Sink", (), {"log": lambda self, m, step: got.append((step, m)), "close": lambda self: None})()
+    runner = MetricRunner([Media()], {"essential": 1}, last_step=10, sinks=[sink])
+    runner.update(1, batch=torch.tensor([1.0, 2.0]))
+    values = runner.compute(1)
+    assert values == {"toy/count": 2.0, "toy/hist": hist, "toy/int": 3.0}
+    assert runner.log(1, values) == [] and got == [(1, values)]
+
+
 def test_loss_grad_vectors_match_autograd_and_leave_grad_alone():
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 2)
@@ -173,6 +188,15 @@ def test_pearson_and_std_from_moments_match_scipy_and_merge():
     assert Fm.std_from_moments(m[0], m[1], m[3]).item() == pytest.approx(x.std(), rel=1e-10)
     assert Fm.pearson_from_moments(torch.tensor([1.0, 1, 1, 1, 1, 1])).isnan()  # n = 1
     assert Fm.pearson_from_moments(Fm.moments(torch.tensor([1.0, 2]), torch.tensor([3.0, 3]))).isnan()  # constant
+
+
+def test_masked_positions_match_boolean_indexing():
+    masked = torch.rand(5, 7, generator=torch.Generator().manual_seed(0)) < 0.4
+    ids = torch.arange(35).view(5, 7)
+    pos = Fm.masked_positions(masked, int(masked.sum()))
+    assert torch.equal(ids.flatten()[pos], ids[masked])  # same tokens, same order
+    rows, ratio_bucket = Fm.mask_ratio_buckets(masked, torch.ones_like(masked), (0.3, 0.7))
+    assert torch.equal(rows, Fm.bucketize_ratio(masked.double().mean(1), (0.3, 0.7))) and ratio_bucket.all()
 
 
 def test_bucketize_ratio_edges():

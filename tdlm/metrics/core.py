@@ -79,7 +79,8 @@ class Collector:
     def update(self, inputs: "Inputs") -> None:
         raise NotImplementedError
 
-    def compute(self) -> dict[str, torch.Tensor | float]:
+    def compute(self) -> dict[str, Any]:
+        """Metric name -> scalar (a 0-d tensor or a number) or a media object the sinks take as it is."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -230,7 +231,8 @@ class MetricRunner:
                 c.update(inputs)
 
     def compute(self, step: int) -> dict[str, float]:
-        """Sync, compute and reset the collectors whose tier is due at ``step``; floats, one host transfer."""
+        """Sync, compute and reset the collectors whose tier is due at ``step``; scalars come back as floats,
+        all in one device-to-host transfer."""
         due = [c for c in self.collectors if self.due(step, c.tier)]
         sync_states(due)
         values: dict[str, Any] = {}
@@ -241,7 +243,8 @@ class MetricRunner:
         if tensors:
             host = torch.stack([values[k].detach().double().reshape(()) for k in tensors]).cpu().tolist()
             values.update(zip(tensors, host))
-        return {k: float(v) for k, v in values.items()}
+        # numbers become floats; anything else (a wandb.Histogram, an image) goes to the sinks as it is
+        return {k: float(v) if isinstance(v, (int, float)) else v for k, v in values.items()}
 
     def log(self, step: int, values: Mapping[str, float]) -> list:
         """Add the health flags, write every sink; returns the fired rules that ask training to stop."""

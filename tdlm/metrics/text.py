@@ -42,15 +42,22 @@ def _diffusion_only(cls):
 
 
 # ---------------------------------------------------------------------------------------------------- shared
-# Derived per-micro-batch tensors, computed once per update call whichever collectors read them.
+# Derived per-micro-batch tensors, computed once per update call whichever collectors read them, without host
+# syncs (no boolean indexing: masked positions come from a sort, their count from the logits' shape).
+def _positions(inputs) -> torch.Tensor:
+    out = inputs["batch"]
+    return inputs.cached("positions", lambda: Fm.masked_positions(out.masked, out.logits.shape[0]))
+
+
 def _token_rows(inputs) -> torch.Tensor:
-    return inputs.cached("token_rows", lambda: Fm.token_rows(inputs["batch"].masked))
+    """(M,) row of each masked token, in the order of ``logits`` and ``token_ce``."""
+    return inputs.cached("token_rows", lambda: _positions(inputs) // inputs["batch"].masked.shape[1])
 
 
 def _predictions(inputs) -> tuple[torch.Tensor, torch.Tensor]:
     out = inputs["batch"]
-    return inputs.cached("predictions", lambda: Fm.prediction_stats(out.logits, out.input_ids[out.masked],
-                                                                    out.token_ce))
+    return inputs.cached("predictions", lambda: Fm.prediction_stats(
+        out.logits, out.input_ids.flatten()[_positions(inputs)], out.token_ce))
 
 
 def _row_buckets(inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +148,7 @@ class ParamNorm(Collector):
 
     def update(self, inputs):
         params = [p.detach() for p in inputs["step"].model.parameters()]
-        self.norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)).double()).to(self.norm)
+        self.norm = torch.nn.utils.get_total_norm(params).double().to(self.norm)
 
     def compute(self):
         return {"train/param_norm": self.norm.clone()}
