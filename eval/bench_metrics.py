@@ -7,7 +7,8 @@ Each mode has its own trainer. Step kinds are timed separately, interleaving the
 machine-load drift hits all of them alike: a *plain* step (no tier due: only the window collectors' device-side
 accumulation), a *log* step (essential due: sync, compute, parameter norm, health rules, sinks), a *research*
 step (essential + research due: 3 extra backward passes) and an *advanced* step (essential + advanced due: one
-extra forward with explicit attention). The amortised step time at the default cadences (100/500/2000) is plain + (log − plain)/logging_steps + (research − log)/detailed_metrics_steps
+extra forward with explicit attention). The amortised step time at the default cadences (100/500/2000) is
+plain + (log − plain)/logging_steps + (research − log)/detailed_metrics_steps
 + (advanced − log)/attention_analysis_steps; the overhead is relative to the all-off mode amortised the same
 way (its loss collector stays on: the NaN stop rule reads it). Evaluation and checkpoints are excluded.
 """

@@ -68,7 +68,8 @@ def build_text_metrics(cfg, *, mask_id: int, device=None, sinks=(), is_main: boo
 
 REFERENCE_INTRO = """
 Every metric the text trainer logs, generated from `tdlm/metrics/text.py` (collectors, registry `TEXT`) and
-`tdlm/metrics/text_health.py` (`TEXT_RULES`). Each collector belongs to one tier; a tier is switched on in YAML and reports on its cadence:
+`tdlm/metrics/text_health.py` (`TEXT_RULES`). Each collector belongs to one tier; a tier is switched on in
+YAML and reports on its cadence:
 
 ```yaml
 metrics:
