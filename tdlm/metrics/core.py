@@ -12,7 +12,33 @@ A ``Registry`` belongs to a domain (text in ``tdlm.metrics.text``, images in ``t
 ``"model"``, ``"step"``) and says which needs are expensive. Collectors with an expensive need update only on
 the steps their tier is due, so extra forwards/backwards happen only there. ``MetricRunner`` dispatches the
 trainer's ``update(step, **sources)`` calls, and on due steps syncs, computes, resets, runs the health rules
-and writes the sinks. Nothing here knows about text or images.
+and writes the sinks. Nothing here knows about text or images. A domain plugs in like this::
+
+    IMAGE = Registry("image", {"velocity": Need(("batch",), "predicted and true velocity, (B, C, H, W)")})
+
+    @IMAGE.register
+    class VelocityCosine(Collector):
+        tier, needs = "essential", ("velocity",)
+        metrics = (MetricSpec("diffusion/cos_eps_mean", "1", "cosine of predicted and true velocity"),)
+
+        def __init__(self, **ctx):
+            super().__init__()
+            self.add_state("total", torch.zeros((), dtype=torch.float64))  # reduce="sum" by default
+            self.add_state("count", torch.zeros((), dtype=torch.float64))
+
+        def update(self, inputs):
+            out = inputs["batch"]
+            self.total += F.cosine_similarity(out.v_pred.flatten(1), out.v.flatten(1)).double().sum()
+            self.count += out.v.shape[0]
+
+        def compute(self):
+            return {"diffusion/cos_eps_mean": functional.ratio(self.total, self.count)}
+
+    runner = MetricRunner(IMAGE.build(enabled_tiers, ctx), tier_cadences(cfg.metrics), max_steps,
+                          health=HealthMonitor(IMAGE_RULES, cfg.metrics.health), sinks=sinks, device=device)
+    runner.update(step, batch=out, model=model)        # each micro-batch (before backward)
+    runner.update(step, step=StepInfo(...))            # each optimizer step
+    if runner.due(step): stops = runner.log(step, runner.compute(step))
 """
 
 from __future__ import annotations
