@@ -133,11 +133,17 @@ class TiersSection:
 @dataclass
 class MetricsSection:
     tiers: TiersSection = field(default_factory=TiersSection)
+    """Which collector tiers run (docs/metrics.md lists every metric by tier)."""
     logging_steps: int = 100
+    """Cadence of the essential tier; every other cadence (and trainer.eval_every_n_steps) is a multiple."""
     detailed_metrics_steps: int = 500
+    """Cadence of the research tier (its per-bucket gradient norms cost 3 extra backward passes then)."""
     attention_analysis_steps: int = 2000
+    """Cadence of the advanced tier (one extra forward with explicit attention probabilities then)."""
+    console: bool = True
+    """Print each logged step as one line on stdout (beside metrics.jsonl and wandb)."""
     health: dict = field(default_factory=dict)
-    """Overrides of health-rule thresholds, by rule name."""
+    """Health-rule overrides: {rule: {param: value, enabled: bool, after_step: int}} (docs/metrics.md)."""
 
 
 @dataclass
@@ -248,9 +254,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         if getattr(m, key) % m.logging_steps:
             raise ConfigError(f"metrics.{key}: {getattr(m, key)} is not a multiple of metrics.logging_steps "
                               f"{m.logging_steps}; cadences must align")
-    if cfg.trainer.eval_every_n_steps % m.logging_steps and m.logging_steps % cfg.trainer.eval_every_n_steps:
-        raise ConfigError(f"trainer.eval_every_n_steps: {cfg.trainer.eval_every_n_steps} does not align with "
-                          f"metrics.logging_steps {m.logging_steps} (one must divide the other)")
+    if cfg.trainer.eval_every_n_steps % m.logging_steps:
+        raise ConfigError(f"trainer.eval_every_n_steps: {cfg.trainer.eval_every_n_steps} is not a multiple of "
+                          f"metrics.logging_steps {m.logging_steps}; cadences must align")
     if cfg.data.source == "files" and not cfg.data.paths:
         raise ConfigError("data.paths: source=files needs at least one file")
     if cfg.data.source == "hub" and not cfg.data.hub_name:

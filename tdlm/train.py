@@ -30,7 +30,10 @@ from tdlm.checkpoint import (list_checkpoints, prune_checkpoints, read_state, re
 from tdlm.config import ConfigError, RunConfig, load_config
 from tdlm.data import Collator, resolve_data, tokenizer_fingerprint
 from tdlm.diffusion import apply_noise, ar_token_losses, diffusion_token_losses, make_schedule, sample_t
-from tdlm.metrics.sinks import JsonlSink, WandbSink
+from tdlm.metrics.core import StepInfo
+from tdlm.metrics.sinks import ConsoleSink, JsonlSink, WandbSink
+from tdlm.metrics.text import TEXT
+from tdlm.metrics.text_health import build_text_metrics
 from tdlm.model import TdlmForMaskedDiffusion, build_model
 
 
@@ -170,10 +173,15 @@ class Trainer:
             tok.save_pretrained(str(self.run_dir / "tokenizer"))
             self.sinks.append(JsonlSink(self.run_dir / "metrics.jsonl",
                                         truncate_after_step=self.step if self.resume_from else None))
+            if cfg.metrics.console:
+                self.sinks.append(ConsoleSink())
             if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
-                sink = WandbSink(cfg.wandb, self.run_dir, cfg.to_dict(), run_id=self.wandb_id)
+                sink = WandbSink(cfg.wandb, self.run_dir, cfg.to_dict(), run_id=self.wandb_id, specs=TEXT.specs())
                 self.wandb_id = sink.id
                 self.sinks.append(sink)
+        # Every process computes (collectors sync sums across processes); only the main one has sinks.
+        self.metrics = build_text_metrics(cfg, mask_id=self.mask_id, device=acc.device, sinks=self.sinks,
+                                          is_main=acc.is_main_process)
 
     # -------------------------------------------------------------------------------------------- set-up
     def _check_run_dir(self):
@@ -273,75 +281,58 @@ class Trainer:
         model, opt = self.model, self.optimizer
         accum, world = c.trainer.grad_accum_steps, acc.num_processes
         tokens_per_step = accum * world * c.trainer.micro_batch_size * c.data.seq_len
-        log_every = c.metrics.logging_steps
+        raw_model = acc.unwrap_model(model)
         bar = None
         if acc.is_main_process and c.trainer.progress_bar:
             from tqdm.auto import tqdm
             bar = tqdm(total=c.trainer.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        win_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
-        win_tokens = torch.zeros((), dtype=torch.float64, device=acc.device)
-        win_t = torch.zeros((), dtype=torch.float64, device=acc.device)
-        win_steps, win_start = 0, time.perf_counter()
         t0 = time.perf_counter()
         start_step = self.step
         last = {}
         model.train()
         while self.step < min(c.trainer.max_steps, stop_at or c.trainer.max_steps):
+            step, step_start = self.step + 1, time.perf_counter()
             batches = self._next_batches(accum)
             t_all, u_all = self._step_noise(self.step)
             local = sum(self._num_targets(b["input_ids"]) for b in batches).double()
             n_global = acc.reduce(local, "sum")  # tensor all-reduce: no host sync
+            grad_norm = None
             for m, batch in enumerate(batches):
                 rows = self._rows(m)
                 with acc.accumulate(model):
                     out = self.compute_loss(batch, t_all[rows], u_all[rows])
+                    self.metrics.update(step, batch=out, model=raw_model)  # before backward: may reuse the graph
                     # x world: DDP averages gradients over processes; x accum: accelerate divides by accum.
                     acc.backward(out.loss_sum * (world * accum) / n_global)
                     if acc.sync_gradients:
                         grad_norm = acc.clip_grad_norm_(model.parameters(), c.optim.grad_clip or float("inf"))
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                win_loss += out.loss_sum.detach().double()
-                win_tokens += out.num_tokens.double()
-                if out.t is not None:
-                    win_t += out.t.double().sum()
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step used
             self.scheduler.step()
             if self.ema is not None:
-                self.ema.update_parameters(acc.unwrap_model(model))
+                self.ema.update_parameters(raw_model)
             self.step += 1
-            win_steps += 1
+            self.metrics.update(step, step=StepInfo(grad_norm, lr, tokens_per_step, time.perf_counter() - step_start,
+                                                    self.epoch, raw_model))
             if bar is not None:
                 bar.update(1)
 
-            if self.step % log_every == 0 or self.step == c.trainer.max_steps:
-                sums = acc.reduce(torch.stack([win_loss, win_tokens, win_t]), "sum")
-                loss = float(sums[0] / sums[1])
-                dt = time.perf_counter() - win_start
-                last = {"train/loss": loss, "train/learning_rate": self.scheduler.get_last_lr()[0],
-                        "train/tokens_per_second": win_steps * tokens_per_step / dt,
-                        "train/grad_norm": float(grad_norm), "train/epoch": self.epoch}
-                if not self.causal:
-                    last["diffusion/t_mean"] = float(sums[2]) / (win_steps * accum * world * c.trainer.micro_batch_size)
-                if not math.isfinite(loss):
-                    raise TrainingStopped(f"loss is {loss} at step {self.step}; stopping without saving the "
-                                          f"poisoned state (last good checkpoint: {self._latest_name()})")
-                self.log(last)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['train/tokens_per_second']:.0f}")
-                win_loss.zero_(); win_tokens.zero_(); win_t.zero_()
-                win_steps, win_start = 0, time.perf_counter()
-
-            if self.step % c.trainer.eval_every_n_steps == 0 or self.step == c.trainer.max_steps:
-                val = self.evaluate()
-                self.log(val)
-                last.update(val)
-                self.history.setdefault("val_loss", []).append([self.step, self.epoch, val["val/loss"]])
-                if val["val/loss"] < self.best_val:
-                    self.best_val = val["val/loss"]
-                    self.best_ckpt = f"step_{self.step:07d}"
-                    self.save()  # the best checkpoint is always on disk
-                    continue
-            if self.step % c.trainer.save_every_n_steps == 0 or self.step == c.trainer.max_steps:
+            logs = self.metrics.compute(step) if self.metrics.due(step) else {}
+            if step % c.trainer.eval_every_n_steps == 0 or step == c.trainer.max_steps:
+                logs.update(self.evaluate())
+                self.history.setdefault("val_loss", []).append([step, self.epoch, logs["val/loss"]])
+            if logs:
+                last.update(logs)
+                self.log(logs)
+                if bar is not None and "train/loss" in logs:
+                    bar.set_postfix(loss=f"{logs['train/loss']:.3f}",
+                                    tok_s=f"{logs.get('train/tokens_per_second', 0):.0f}")
+            if "val/loss" in logs and logs["val/loss"] < self.best_val:
+                self.best_val = logs["val/loss"]
+                self.best_ckpt = f"step_{step:07d}"
+                self.save()  # the best checkpoint is always on disk
+            elif step % c.trainer.save_every_n_steps == 0 or step == c.trainer.max_steps:
                 self.save()
         if bar is not None:
             bar.close()
@@ -358,8 +349,17 @@ class Trainer:
         return ckpts[-1].name if ckpts else "none"
 
     def log(self, metrics: dict):
-        for sink in self.sinks:
-            sink.log(metrics, self.step)
+        """Health rules, then every sink; a rule that stops training (NaN/Inf loss) raises here."""
+        stops = self.metrics.log(self.step, metrics)
+        if stops:
+            rule, message = stops[0]
+            if self.accelerator.is_main_process:  # what can be saved: the metrics (already flushed) and why
+                (self.run_dir / "stopped.json").write_text(json.dumps(
+                    {"step": self.step, "rule": rule.name, "message": message,
+                     "last_checkpoint": self._latest_name(), "metrics": {k: str(v) for k, v in metrics.items()}},
+                    indent=1))
+            raise TrainingStopped(f"{message}; stopping without saving the poisoned state (last good "
+                                  f"checkpoint: {self._latest_name()})")
 
     # -------------------------------------------------------------------------------------------- eval
     @torch.no_grad()
@@ -426,6 +426,7 @@ class Trainer:
     def close(self):
         for sink in self.sinks:
             sink.close()
+        self.sinks.clear()
         acc = self.accelerator
         acc.end_training()
         # Two-process gloo runs abort at exit about 1 in 6 unless the prepared objects are dropped first.

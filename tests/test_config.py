@@ -49,3 +49,14 @@ def test_missing_file_and_consistency(tmp_path):
     assert "metrics.detailed_metrics_steps" in err(tmp_path, overrides=["metrics.logging_steps=100",
                                                                         "metrics.detailed_metrics_steps=250"])
     assert "data.paths" in err(tmp_path, overrides=["data.source=files"])
+
+
+def test_metric_cadences_must_be_multiples_of_logging_steps(tmp_path):
+    msg = err(tmp_path, overrides=["metrics.logging_steps=100", "metrics.attention_analysis_steps=2050"])
+    assert msg.startswith("metrics.attention_analysis_steps: 2050 is not a multiple of metrics.logging_steps 100")
+    msg = err(tmp_path, overrides=["metrics.logging_steps=100", "trainer.eval_every_n_steps=50"])
+    assert msg.startswith("trainer.eval_every_n_steps: 50 is not a multiple of metrics.logging_steps 100")
+    cfg = load_config(None, ["metrics.logging_steps=100", "trainer.eval_every_n_steps=300",
+                             "metrics.detailed_metrics_steps=500", "metrics.attention_analysis_steps=2000"])
+    assert cfg.metrics.tiers.essential.enabled and not cfg.metrics.tiers.research.enabled
+    assert "metrics.tiers.research.enabld" in err(tmp_path, overrides=["metrics.tiers.research.enabld=true"])

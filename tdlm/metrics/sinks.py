@@ -63,10 +63,36 @@ def wandb_mode(requested: str) -> str:
     return "online" if has_key else "offline"
 
 
-class WandbSink:
-    """wandb run; every metric panel uses ``trainer/global_step`` as its x-axis (define_metric)."""
+class ConsoleSink:
+    """One line per logged step on stdout (through tqdm, so a progress bar stays intact)."""
 
-    def __init__(self, cfg, run_dir: Path, config: dict, run_id: str | None = None):
+    def __init__(self, stream=None):
+        self.stream = stream
+
+    def log(self, metrics: dict, step: int) -> None:
+        parts = [f"{k} {_fmt(v)}" for k, v in metrics.items() if not _is_media(v)]
+        line = f"step {step} | " + " | ".join(parts)
+        try:
+            from tqdm.auto import tqdm
+            tqdm.write(line, file=self.stream or sys.stdout)
+        except ImportError:
+            print(line, file=self.stream or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _fmt(v) -> str:
+    v = _jsonable(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class WandbSink:
+    """wandb run. Every panel uses ``trainer/global_step`` as its x-axis and panels group by prefix
+    (``train/``, ``research/``, ...): ``define_metric("<prefix>/*", step_metric=...)``. ``specs`` (MetricSpec)
+    with a ``goal`` get a min/max summary instead of the last value."""
+
+    def __init__(self, cfg, run_dir: Path, config: dict, run_id: str | None = None, specs=()):
         import wandb
 
         mode = wandb_mode(cfg.mode)
@@ -74,7 +100,12 @@ class WandbSink:
                               config=config, mode=mode, id=run_id, resume="allow" if run_id else None,
                               tags=list(cfg.tags) or None, settings=wandb.Settings(console="off", silent=True))
         self.run.define_metric("trainer/global_step")
-        self.run.define_metric("*", step_metric="trainer/global_step")
+        for prefix in sorted({s.name.split("/")[0] for s in specs} | {"health"}):
+            self.run.define_metric(f"{prefix}/*", step_metric="trainer/global_step")
+        self.run.define_metric("*", step_metric="trainer/global_step")  # anything else logged
+        for spec in specs:
+            if spec.goal and "{" not in spec.name:
+                self.run.define_metric(spec.name, step_metric="trainer/global_step", summary=spec.goal)
         self.id = self.run.id
 
     def log(self, metrics: dict, step: int) -> None:

@@ -1,0 +1,90 @@
+"""Health rules as data: a table of ``Rule`` rows, thresholds overridable in YAML, one engine for every domain.
+
+A rule reads a few logged metrics and fires when its condition holds. ``HealthMonitor.check`` runs at every
+log call, on all processes (the values are already synced, so every process decides the same): each rule
+whose inputs were logged in this call yields ``health/<rule>`` = 1 (fired) or 0, fired rules print one
+warning line, and rules marked ``stop`` ask the trainer to stop.
+
+YAML: ``metrics.health.<rule>.<param>: value``; every rule also takes ``enabled`` (default true) and
+``after_step`` (default 0, or the end of LR warm-up for rules marked ``warmup``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from tdlm.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    """Logged as ``health/<name>``."""
+    description: str
+    """The warning sign in words (one line), shown in the docs and in the warning."""
+    metrics: tuple[str, ...]
+    condition: str
+    """The check written out for the reference page; ``check`` implements exactly this."""
+    check: Callable[[Mapping[str, float], Mapping[str, float]], bool]
+    """(values by metric name, params) -> fired."""
+    params: Mapping[str, float] = field(default_factory=dict)
+    warmup: bool = False
+    """Skip until ``after_step`` (default: the end of LR warm-up)."""
+    stop: bool = False
+    """Firing stops training (after logging)."""
+    finite_only: bool = True
+    """Skip the rule when an input is NaN/Inf (an empty bucket is NaN, not a failure)."""
+
+
+class HealthMonitor:
+    def __init__(self, rules: tuple[Rule, ...], overrides: Mapping[str, Mapping] | None = None,
+                 warmup_steps: int = 0, key: str = "metrics.health"):
+        by_name = {r.name: r for r in rules}
+        if len(by_name) != len(rules):
+            raise ValueError("health rules must have unique names")
+        overrides = dict(overrides or {})
+        for name, over in overrides.items():
+            if name not in by_name:
+                raise ConfigError(f"{key}.{name}: unknown health rule; valid: {', '.join(by_name)}")
+            if not isinstance(over, Mapping):
+                raise ConfigError(f"{key}.{name}: expected a mapping of parameters, got {over!r}")
+            allowed = {*by_name[name].params, "enabled", "after_step"}
+            for p, v in over.items():
+                if p not in allowed:
+                    raise ConfigError(f"{key}.{name}.{p}: unknown parameter; valid: {', '.join(sorted(allowed))}")
+                if isinstance(v, bool) != (p == "enabled") or not isinstance(v, (int, float)):
+                    raise ConfigError(f"{key}.{name}.{p}: expected {'a bool' if p == 'enabled' else 'a number'}, "
+                                      f"got {v!r}")
+        self.rules = []
+        self.params: dict[str, dict] = {}
+        for r in rules:
+            p = {"enabled": True, "after_step": warmup_steps if r.warmup else 0, **r.params,
+                 **overrides.get(r.name, {})}
+            if p["enabled"]:
+                self.rules.append(r)
+                self.params[r.name] = p
+        self.latest: dict[str, float] = {}
+
+    def check(self, step: int, values: Mapping[str, float]) -> tuple[dict[str, float], list[tuple[Rule, str]]]:
+        """Flags for the rules whose inputs appear in ``values`` (others read their latest logged value)."""
+        self.latest.update(values)
+        flags, fired = {}, []
+        for r in self.rules:
+            p = self.params[r.name]
+            if step < p["after_step"] or not any(m in values for m in r.metrics):
+                continue
+            if not all(m in self.latest for m in r.metrics):
+                continue
+            v = {m: float(self.latest[m]) for m in r.metrics}
+            if r.finite_only and not all(math.isfinite(x) for x in v.values()):
+                continue
+            hit = bool(r.check(v, p))
+            flags[f"health/{r.name}"] = float(hit)
+            if hit:
+                shown = ", ".join(f"{m}={x:.4g}" for m, x in v.items())
+                limits = ", ".join(f"{k}={x:g}" for k, x in p.items() if k not in ("enabled", "after_step"))
+                fired.append((r, f"health/{r.name} at step {step}: {r.description} ({shown}"
+                                 f"{'; ' + limits if limits else ''})"))
+        return flags, fired

@@ -1,0 +1,107 @@
+"""Health rules of the text trainer, and the assembly of its metric runner and reference page.
+
+The rules are the TDLM guide's warning signs as data (``Rule`` rows; thresholds overridable in YAML under
+``metrics.health``); ``build_text_metrics`` is what the trainer calls; ``reference_page`` renders
+``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tdlm.metrics.core import TIERS, MetricRunner, tier_cadences
+from tdlm.metrics.health import HealthMonitor, Rule
+from tdlm.metrics.text import BUCKETS, TEXT
+
+
+def _buckets(kind: str) -> tuple[str, ...]:
+    return tuple(f"research/{b}_corruption_{kind}" for b in BUCKETS)
+
+
+TEXT_RULES = (
+    Rule("nonfinite_loss", "training loss is NaN or Inf; stopping", ("train/loss",), "train/loss is NaN or ±Inf",
+         lambda v, p: not math.isfinite(v["train/loss"]), stop=True, finite_only=False),
+    Rule("mask_accuracy_low", "mask accuracy below the floor after warm-up", ("metrics/mask_accuracy",),
+         "metrics/mask_accuracy < min", lambda v, p: v["metrics/mask_accuracy"] < p["min"], {"min": 0.4},
+         warmup=True),
+    Rule("high_above_medium_accuracy", "high-corruption accuracy above medium-corruption accuracy",
+         _buckets("accuracy")[1:], "high_corruption_accuracy > medium_corruption_accuracy + margin",
+         lambda v, p: v[_buckets("accuracy")[2]] > v[_buckets("accuracy")[1]] + p["margin"], {"margin": 0.01},
+         warmup=True),
+    Rule("bucket_zero_accuracy", "a corruption bucket with masked tokens has 0% accuracy", _buckets("accuracy"),
+         "any bucket accuracy == 0 (NaN = empty bucket, ignored)", lambda v, p: any(x == 0 for x in v.values()),
+         warmup=True, finite_only=False),
+    Rule("weight_difficulty_correlation_sign", "weight–difficulty correlation has the sign the maths rules out "
+         "(guide: 'negative'; w(t) falls with t, so the healthy sign is negative: expected_sign = -1)",
+         ("research/weight_difficulty_correlation",), "expected_sign · r < −margin",
+         lambda v, p: p["expected_sign"] * v["research/weight_difficulty_correlation"] < -p["margin"],
+         {"expected_sign": -1.0, "margin": 0.05}, warmup=True),
+    Rule("gradient_ratio_extreme", "high/low-corruption gradient ratio outside [min, max]",
+         ("research/gradient_norm_ratio_high_to_low",), "ratio < min or ratio > max",
+         lambda v, p: not p["min"] <= v["research/gradient_norm_ratio_high_to_low"] <= p["max"],
+         {"min": 0.1, "max": 10.0}),
+    Rule("high_corruption_gradient_vanishing", "high-corruption gradient norm vanishing",
+         ("research/gradient_norm_high_corruption",), "gradient_norm_high_corruption < min",
+         lambda v, p: v["research/gradient_norm_high_corruption"] < p["min"], {"min": 0.01}),
+    Rule("low_corruption_gradient_exploding", "low-corruption gradient norm exploding",
+         ("research/gradient_norm_low_corruption",), "gradient_norm_low_corruption > max",
+         lambda v, p: v["research/gradient_norm_low_corruption"] > p["max"], {"max": 5.0}),
+    Rule("val_train_gap", "validation loss far above training loss (overfitting)", ("val/loss", "train/loss"),
+         "val/loss − train/loss > max_relative · |train/loss|",
+         lambda v, p: v["val/loss"] - v["train/loss"] > p["max_relative"] * abs(v["train/loss"]),
+         {"max_relative": 0.2}),
+    Rule("t_mean_off", "mean diffusion time far from 0.5 (biased t sampling)", ("diffusion/t_mean",),
+         "|t_mean − target| > tolerance", lambda v, p: abs(v["diffusion/t_mean"] - p["target"]) > p["tolerance"],
+         {"target": 0.5, "tolerance": 0.05}),
+)
+
+
+def build_text_metrics(cfg, *, mask_id: int, device=None, sinks=(), is_main: bool = True) -> MetricRunner:
+    """The runner of a text run: enabled tiers from ``cfg.metrics.tiers``, rules with YAML overrides."""
+    ctx = {"causal": cfg.model.causal, "mask_id": mask_id, "num_layers": cfg.model.num_layers,
+           "clip_weight": cfg.diffusion.clip_weight}
+    enabled = {t: getattr(cfg.metrics.tiers, t).enabled for t in TIERS}
+    health = HealthMonitor(TEXT_RULES, cfg.metrics.health, warmup_steps=cfg.optim.warmup_steps)
+    return MetricRunner(TEXT.build(enabled, ctx), tier_cadences(cfg.metrics), cfg.trainer.max_steps,
+                        health=health, sinks=sinks, device=device, is_main=is_main)
+
+
+REFERENCE_INTRO = """
+Every metric the text trainer logs, generated from `tdlm/metrics/text.py` (collectors, registry `TEXT`) and
+`tdlm/metrics/text_health.py` (`TEXT_RULES`). Each collector belongs to one tier; a tier is switched on in
+YAML and reports on its cadence:
+
+```yaml
+metrics:
+  tiers: {essential: {enabled: true}, research: {enabled: true}, advanced: {enabled: true}}
+  logging_steps: 100            # essential
+  detailed_metrics_steps: 500   # research: a multiple of logging_steps
+  attention_analysis_steps: 2000  # advanced: a multiple of logging_steps
+  health: {mask_accuracy_low: {min: 0.5}}   # rule overrides, see the table at the end
+trainer:
+  eval_every_n_steps: 100       # val/*: a multiple of logging_steps
+```
+
+Config loading rejects a cadence that is not a multiple of `logging_steps`, so every panel shares the same
+x positions. A tier also reports on the last step. *Window* collectors are updated on every step and report
+over all steps since their last report; collectors that need an expensive input (extra backward or forward
+passes) run only on the steps their tier is due, so those inputs are never produced otherwise. Values are
+accumulated on the device as float64 sums and counts and combined across processes by summing before any
+ratio is taken, so N processes log what one process logs over the same global batch. Fractions are in
+[0, 1] (the guide's 40% is 0.4). A value with no data (an empty bucket) is NaN, never 0.
+
+Where the TDLM metric guide and the mathematics disagree, the maths wins: `train/loss` uses the true NELBO
+weight even when `diffusion.clip_weight` clips it for the gradient; the weight–difficulty correlation is
+expected to be negative (see `WeightDifficulty`), so the health rule fires on a positive one; `valid_ratio` is
+the share of non-pad positions. Sinks: `metrics.jsonl` (always), the console (`metrics.console`), and wandb
+(`wandb.enabled`, online or offline) where every panel uses `trainer/global_step` and panels group by prefix.
+An image trainer registers its own collectors and rules on the same core (`tdlm.metrics.core`,
+`tdlm.metrics.health`, `tdlm.metrics.functional`).
+"""
+
+
+def reference_page() -> str:
+    """The text of ``docs/metrics.md``."""
+    from tdlm.metrics.docs import render
+
+    return render(TEXT, TEXT_RULES, "Metric reference: text trainer", REFERENCE_INTRO)
