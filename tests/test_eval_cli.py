@@ -253,7 +253,14 @@ def test_review_offline_run_dirs_wandb_files_and_synthetic_tier_metrics(runs, tm
     assert wb["source"].endswith(".wandb") and wb["val_perplexity"] == diff["val_perplexity"]
     assert wb["trends"]["train/loss"] == diff["trends"]["train/loss"]
     assert diff["val_perplexity"]["final"] == pytest.approx(runs["diff"]["result"]["val/perplexity"], rel=1e-12)
-    assert diff["health"] == [] and "metrics/mask_accuracy" not in diff["trends"]  # absent metrics: no crash
+    # the rules the review lists are exactly those that fired in the run's own metrics.jsonl
+    recs = [json.loads(line) for line in (runs["diff"]["dir"] / "metrics.jsonl").read_text().splitlines()]
+    fired = {k.split("/", 1)[1]: [r["step"] for r in recs if r.get(k)] for r in recs for k in r
+             if k.startswith("health/")}
+    assert {h["rule"]: (h["times"], h["first_step"], h["last_step"], h["steps"]) for h in diff["health"]} == {
+        k: (len(v), v[0], v[-1], v[:20]) for k, v in fired.items() if v}  # the report lists the first 20 steps
+    assert wb["health"] == diff["health"]
+    assert "research/low_corruption_accuracy" not in diff["trends"]  # tiers off in this run: absent, no crash
     # synthetic tier metrics
     assert synth["health"] == [{"rule": "grad_explosion", "times": 1, "first_step": 40, "last_step": 40,
                                 "steps": [40]},
