@@ -81,6 +81,9 @@ def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, exp
         state_dict = accelerator.get_state_dict(export_model)
         if accelerator.is_main_process:
             accelerator.unwrap_model(export_model).save_pretrained(str(tmp / "model"), state_dict=state_dict)
+    # Every process writes its own files (RNG state, ZeRO shards) with no barrier at the end of save_state:
+    # they must all be on disk before the main process marks the checkpoint complete and renames it.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))

@@ -216,6 +216,9 @@ class Trainer:
             self._load(self.resume_from)
         self._val_noise = self._make_val_noise()
         self.sinks = []
+        if self._replace_old_run and acc.is_main_process:
+            shutil.rmtree(self.run_dir)
+        acc.wait_for_everyone()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(
@@ -235,10 +238,8 @@ class Trainer:
         if has_run and not t.resume and not t.overwrite:
             raise ConfigError(f"trainer.output_dir: {self.run_dir} already holds a run; set trainer.resume=auto "
                               f"to continue it or trainer.overwrite=true to replace it")
-        if has_run and t.overwrite and not t.resume and self.accelerator.is_main_process:
-            shutil.rmtree(self.run_dir)
+        self._replace_old_run = has_run and t.overwrite and not t.resume  # done once everything else checked out
         check_free_disk(self.run_dir.parent, t.min_free_disk_mb)  # fail before training, not at the first save
-        self.accelerator.wait_for_everyone()
 
     def _layout(self) -> dict:
         """What the saved data position and RNG states mean; a resume must keep it to be exact."""
@@ -436,7 +437,8 @@ class Trainer:
                    "summary/final_loss": last.get("train/loss", float("nan")), "summary/best_val_loss": self.best_val,
                    "summary/best_val_perplexity": math.exp(self.best_val) if math.isfinite(self.best_val) else None,
                    "summary/steps_this_session": self.step - start_step}
-        self.log(summary)
+        if not self.preempted:  # the run is not over: its summary comes when it is
+            self.log(summary)
         return {**last, **summary}
 
     def _check_finite(self):
