@@ -27,6 +27,7 @@ class StopSignal:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
         self._pending: collections.deque = collections.deque()
+        self._flags: dict = {}
 
     def install(self) -> "StopSignal":
         for sig in self.signals:
@@ -42,8 +43,14 @@ class StopSignal:
         self.received = signum
 
     def flag(self, device) -> torch.Tensor:
-        """This process's vote, float64 so it can ride in the same all-reduce as token counts."""
-        return torch.tensor(float(self.received is not None), dtype=torch.float64, device=device)
+        """This process's vote, float64 so it can ride in the same all-reduce as token counts.
+
+        Cached per value: a fresh ``torch.tensor(x, device="cuda")`` would be a synchronous copy every step.
+        """
+        key = (str(device), self.received is not None)
+        if key not in self._flags:
+            self._flags[key] = torch.full((), float(key[1]), dtype=torch.float64, device=device)
+        return self._flags[key]
 
     def push(self, reduced: torch.Tensor) -> None:
         """The all-reduced vote of this step (a device tensor; the all-reduce may still be in flight)."""
@@ -77,15 +84,16 @@ class NonFiniteWatch:
 
     def update(self, step: int, *values) -> None:
         """``values``: tensors or floats of this step (loss sums, grad norm); no host sync for tensors."""
-        ok = None
+        ok, host_ok = None, True
         for v in values:
-            if v is None:
-                continue
-            fin = torch.isfinite(v.detach()).all() if torch.is_tensor(v) else torch.tensor(math.isfinite(v))
-            ok = fin if ok is None else ok & fin.to(ok.device)
-        if ok is not None:
-            self._steps.append(step)
-            self._finite.append(ok)
+            if torch.is_tensor(v):
+                fin = torch.isfinite(v.detach()).all()
+                ok = fin if ok is None else ok & fin
+            elif v is not None:
+                host_ok = host_ok and math.isfinite(v)
+        ok = torch.tensor(host_ok) if ok is None else ok & host_ok
+        self._steps.append(step)
+        self._finite.append(ok)
 
     def first_bad_step(self, accelerator) -> int | None:
         """Collective: the first step since the last call whose loss or gradient norm was NaN/Inf on any process."""

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,9 +70,17 @@ def launch(config_file, args, fault=None):
     cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config_file),
            "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
            str(ROOT / "tests" / "fault_entry.py"), CONFIG, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=580)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+    # Own process group: on a timeout the workers go too, not only the launcher.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"launch timed out after 300 s:\n{out[-3000:]}\n{err[-5000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-5000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
