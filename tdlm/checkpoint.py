@@ -48,13 +48,32 @@ def check_free_disk(root: Path, min_free_mb: int) -> None:
                           f"need {min_free_mb} MiB to write a checkpoint")
 
 
+def _agreed_free_disk(accelerator, root: Path, min_free_mb: int) -> None:
+    """The free-disk check, raised on every process together (one process raising alone would hang the rest)."""
+    import torch
+
+    error = None
+    if accelerator.is_main_process:
+        try:
+            check_free_disk(root, min_free_mb)
+        except ConfigError as exc:
+            error = exc
+    if accelerator.num_processes > 1:
+        votes = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum")
+        if error is None and float(votes[0]) > 0:
+            error = ConfigError(f"trainer.min_free_disk_mb: the main process has less than {min_free_mb} MiB free "
+                                f"in {root}")
+    if error is not None:
+        raise error
+
+
 def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, export_model=None, tokenizer=None,
                     min_free_mb: int = 0) -> Path:
     """Collective: every process calls it. Returns the final checkpoint directory."""
     final = step_dir(root, step)
     tmp = root / f".tmp_{final.name}"
+    _agreed_free_disk(accelerator, root, min_free_mb)
     if accelerator.is_main_process:
-        check_free_disk(root, min_free_mb)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
@@ -62,6 +81,9 @@ def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, exp
         state_dict = accelerator.get_state_dict(export_model)
         if accelerator.is_main_process:
             accelerator.unwrap_model(export_model).save_pretrained(str(tmp / "model"), state_dict=state_dict)
+    # Every process writes its own files (RNG state, ZeRO shards) with no barrier at the end of save_state:
+    # they must all be on disk before the main process marks the checkpoint complete and renames it.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -70,11 +92,29 @@ def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, exp
             json.dump(trainer_state, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        old = root / f".old_{final.name}"
+        if final.exists():  # re-saving a step: move the old one aside first, so a complete one always exists
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def prune_checkpoints(root: Path, keep_last: int, best: str | None) -> None:
@@ -84,7 +124,7 @@ def prune_checkpoints(root: Path, keep_last: int, best: str | None) -> None:
     for p in ckpts:
         if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp_step_*"):  # leftovers of a crash mid-write
+    for p in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:  # leftovers of a crash mid-write
         shutil.rmtree(p, ignore_errors=True)
 
 

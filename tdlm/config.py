@@ -185,6 +185,13 @@ _POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.
              "trainer.eval_every_n_steps", "trainer.save_every_n_steps", "trainer.keep_last", "optim.lr",
              "metrics.logging_steps", "metrics.detailed_metrics_steps", "metrics.attention_analysis_steps",
              "data.num_proc", "data.markov_order", "data.markov_symbols", "data.markov_tokens")
+_NON_NEGATIVE = ("model.vocab_size", "model.intermediate_size", "data.max_documents", "diffusion.clip_weight",
+                 "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "trainer.eval_batches",
+                 "trainer.num_workers", "trainer.sample_at_end", "trainer.min_free_disk_mb")
+_UNIT = {  # key: (low, high, high inclusive)
+    "model.dropout": (0.0, 1.0, False), "optim.beta1": (0.0, 1.0, False), "optim.beta2": (0.0, 1.0, False),
+    "optim.min_lr_ratio": (0.0, 1.0, True),
+}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -237,6 +244,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in _POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    for key, (low, high, closed) in _UNIT.items():
+        v = _get(cfg, key)
+        if not (low <= v <= high if closed else low <= v < high):
+            raise ConfigError(f"{key}: must be in [{low:g}, {high:g}{']' if closed else ')'}, got {v}")
+    if not cfg.optim.eps > 0:
+        raise ConfigError(f"optim.eps: must be > 0, got {cfg.optim.eps}")
     if not 0.0 <= cfg.diffusion.t_min < 1.0:
         raise ConfigError(f"diffusion.t_min: must be in [0, 1), got {cfg.diffusion.t_min}")
     if not 0.0 < cfg.diffusion.loglinear_eps < 1.0:

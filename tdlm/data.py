@@ -337,7 +337,11 @@ def load_prepared(path: str | Path) -> PreparedData:
     path = Path(path)
     if not (path / "info.json").is_file():
         raise ConfigError(f"data.paths: {path} is not a prepared dataset (no info.json); run data_prep/prepare.py")
-    tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    except Exception as exc:  # noqa: BLE001 - many loader errors; one clear line for the user
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"data.tokenizer: cannot load {path / 'tokenizer'}: {reason}") from None
     train = datasets.load_from_disk(str(path / "train")).with_format("torch")
     val = datasets.load_from_disk(str(path / "validation")).with_format("torch")
     return PreparedData(train, val, tok, json.loads((path / "info.json").read_text()))

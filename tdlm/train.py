@@ -14,6 +14,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -26,10 +27,12 @@ if __package__ in (None, ""):  # run as a script: `python tdlm/train.py` / `acce
 import torch
 import yaml
 
-from tdlm.checkpoint import (list_checkpoints, prune_checkpoints, read_state, resolve_resume, save_checkpoint)
+from tdlm.checkpoint import (check_free_disk, list_checkpoints, prune_checkpoints, read_state, resolve_resume,
+                             save_checkpoint)
 from tdlm.config import ConfigError, RunConfig, load_config
 from tdlm.data import Collator, resolve_data, tokenizer_fingerprint
 from tdlm.diffusion import apply_noise, ar_token_losses, diffusion_token_losses, make_schedule, sample_t
+from tdlm.faults import NonFiniteWatch, StopSignal
 from tdlm.metrics.core import StepInfo
 from tdlm.metrics.sinks import ConsoleSink, JsonlSink, WandbSink
 from tdlm.metrics.text import TEXT
@@ -72,26 +75,61 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 
 
 def make_accelerator(cfg: RunConfig):
+    """The Accelerator for this launch; refuses launches that would silently not be distributed as asked."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
+    from accelerate.utils import (DataLoaderConfiguration, DistributedType, GradientAccumulationPlugin,
+                                  InitProcessGroupKwargs)
 
     kwargs = {}
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if multi and deepspeed and not torch.cuda.is_available():
-        # Accelerate picks no backend for DeepSpeed without CUDA and then miscounts processes; gloo fixes it.
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    if deepspeed and os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true"):
+        raise ConfigError("launch: ACCELERATE_USE_CPU is set, so Accelerate would silently run plain DDP instead of "
+                          "DeepSpeed; unset it (DeepSpeed on a CPU needs no flag)")
+    if world > 1 and not torch.cuda.is_available():
+        if deepspeed:
+            # Accelerate picks no backend for DeepSpeed without CUDA and then miscounts processes; gloo fixes it.
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:
+            # A --multi_gpu launch without CUDA otherwise trains N unsynchronised copies over the same data.
+            kwargs["cpu"] = True
     mp = cfg.trainer.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if os.environ.get("ACCELERATE_MIXED_PRECISION") not in (None, "", "no"):
         mp = os.environ["ACCELERATE_MIXED_PRECISION"]
-    return Accelerator(
+    acc = Accelerator(
         mixed_precision=mp,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.trainer.grad_accum_steps, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False, **kwargs)
+    if acc.num_processes != world:
+        raise ConfigError(f"launch: {world} processes were started but they formed a group of {acc.num_processes}; "
+                          f"use a config from configs/accelerate/ (see README, Distributed)")
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        _match_deepspeed_config(acc.state.deepspeed_plugin, cfg)
+    return acc
+
+
+def _match_deepspeed_config(plugin, cfg: RunConfig) -> None:
+    """Fill DeepSpeed's 'auto' accumulation/clipping from the trainer's config; refuse numbers that disagree."""
+    ds = plugin.deepspeed_config
+    for key, name, want in (("gradient_accumulation_steps", "trainer.grad_accum_steps", cfg.trainer.grad_accum_steps),
+                            ("gradient_clipping", "optim.grad_clip", cfg.optim.grad_clip)):
+        have = ds.get(key, "auto")
+        if have == "auto":
+            ds[key] = want
+            setattr(plugin, key, want)
+        elif float(have) != float(want):
+            raise ConfigError(f"{name}: {want} but the DeepSpeed config sets {key}={have}; set it to auto there")
+    if ds["zero_optimization"].get("stage") == 3:
+        if cfg.trainer.ema_decay > 0:
+            raise ConfigError("trainer.ema_decay: EMA is not supported under ZeRO-3 (parameters are sharded); "
+                              "set it to 0 or use ZeRO-2")
+        # Every checkpoint exports a consolidated save_pretrained model, which needs the gathered weights.
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        plugin.zero3_save_16bit_model = True
 
 
 def lr_lambda(optim_cfg, max_steps: int):
@@ -108,6 +146,19 @@ def build_optimizer(model, optim_cfg):
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() < 2 or "embed" in n)]
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
+
+
+def load_exported(path: Path) -> TdlmForMaskedDiffusion:
+    """A checkpoint's ``model/``, built directly: under ZeRO-3, ``from_pretrained`` would enter DeepSpeed's
+    ``zero.Init`` and shard it again (a collective the other processes are not in)."""
+    from safetensors.torch import load_file
+
+    model = TdlmForMaskedDiffusion(TdlmForMaskedDiffusion.config_class.from_pretrained(str(path)))
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding and not saved
+        raise RuntimeError(f"{path}: unexpected {unexpected}, missing {missing}")
+    model.tie_weights()
+    return model
 
 
 class Trainer:
@@ -129,6 +180,8 @@ class Trainer:
         self.resume_from = resolve_resume(cfg.trainer.resume, self.ckpt_root)
         if self.resume_from is not None:
             self._check_resume_compatible(self.resume_from)
+        elif cfg.trainer.resume:
+            acc.print(f"trainer.resume={cfg.trainer.resume}: no checkpoint in {self.ckpt_root}; starting from step 0")
 
         self.model = build_model(cfg.model, len(tok), self.mask_id, self.pad_id)
         self.schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.loglinear_eps)
@@ -166,13 +219,16 @@ class Trainer:
             self._load(self.resume_from)
         self._val_noise = self._make_val_noise()
         self.sinks = []
+        if self._replace_old_run and acc.is_main_process:
+            shutil.rmtree(self.run_dir)
+        acc.wait_for_everyone()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(
                 {**cfg.to_dict(), "world_size": acc.num_processes}, sort_keys=False))
             tok.save_pretrained(str(self.run_dir / "tokenizer"))
-            self.sinks.append(JsonlSink(self.run_dir / "metrics.jsonl",
-                                        truncate_after_step=self.step if self.resume_from else None))
+            # A resumed run drops what the interrupted one logged after its checkpoint (all of it if none).
+            self.sinks.append(JsonlSink(self.run_dir / "metrics.jsonl", truncate_after_step=self.step))
             if cfg.metrics.console:
                 self.sinks.append(ConsoleSink())
             if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
@@ -182,6 +238,8 @@ class Trainer:
         # Every process computes (collectors sync sums across processes); only the main one has sinks.
         self.metrics = build_text_metrics(cfg, mask_id=self.mask_id, device=acc.device, sinks=self.sinks,
                                           is_main=acc.is_main_process)
+        if self.resume_from is not None:
+            self.metrics.load_state_dict(self._metric_state, rank=acc.process_index)
 
     # -------------------------------------------------------------------------------------------- set-up
     def _check_run_dir(self):
@@ -190,9 +248,13 @@ class Trainer:
         if has_run and not t.resume and not t.overwrite:
             raise ConfigError(f"trainer.output_dir: {self.run_dir} already holds a run; set trainer.resume=auto "
                               f"to continue it or trainer.overwrite=true to replace it")
-        if has_run and t.overwrite and not t.resume and self.accelerator.is_main_process:
-            shutil.rmtree(self.run_dir)
-        self.accelerator.wait_for_everyone()
+        self._replace_old_run = has_run and t.overwrite and not t.resume  # done once everything else checked out
+        check_free_disk(self.run_dir.parent, t.min_free_disk_mb)  # fail before training, not at the first save
+
+    def _layout(self) -> dict:
+        """What the saved data position and RNG states mean; a resume must keep it to be exact."""
+        return {"trainer.micro_batch_size": self.cfg.trainer.micro_batch_size, "data.seq_len": self.cfg.data.seq_len,
+                "num_processes": self.accelerator.num_processes}
 
     def _check_resume_compatible(self, ckpt: Path):
         saved = json.loads((ckpt / "model" / "config.json").read_text())
@@ -204,6 +266,11 @@ class Trainer:
             if saved[key] != getattr(self.cfg.model, key):
                 raise ConfigError(f"model.{key}: {getattr(self.cfg.model, key)} differs from the checkpoint's "
                                   f"{saved[key]} in {ckpt}")
+        layout = read_state(ckpt).get("layout", {})
+        for key, now in self._layout().items():
+            if key in layout and layout[key] != now:
+                raise ConfigError(f"{key}: {now} differs from the checkpoint's {layout[key]} in {ckpt}; an exact "
+                                  f"resume (data position, per-process RNG, ZeRO shards) needs the same value")
 
     def _make_val_noise(self):
         """Fixed masking noise for the validation split, so every evaluation scores the same corruptions."""
@@ -218,6 +285,7 @@ class Trainer:
         self.step, self.epoch, self.batches_in_epoch = st["step"], st["epoch"], st["batches_in_epoch"]
         self.best_val, self.best_ckpt, self.wandb_id = st["best_val"], st.get("best_ckpt"), st.get("wandb_id")
         self.history = st.get("history", {})
+        self._metric_state = st.get("metrics", {})
         self.accelerator.print(f"resumed from {ckpt} at step {self.step}")
 
     # -------------------------------------------------------------------------------------------- loss
@@ -276,7 +344,21 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- loop
     def train(self, stop_at: int | None = None) -> dict:
-        """Run to ``trainer.max_steps`` (or stop early after ``stop_at`` steps, as an interruption would)."""
+        """Run to ``trainer.max_steps`` (or stop early after ``stop_at`` steps, as an interruption would).
+
+        SIGTERM (preemption) makes every process stop after the same step, write a checkpoint and return with
+        ``self.preempted`` set. A NaN/Inf loss or gradient norm raises ``TrainingStopped`` naming the first bad
+        step, at the next log step or before the next save, so the poisoned state is never saved.
+        """
+        self._stop = StopSignal().install()
+        self._watch = NonFiniteWatch()
+        self.preempted = False
+        try:
+            return self._train(stop_at)
+        finally:
+            self._stop.uninstall()
+
+    def _train(self, stop_at: int | None) -> dict:
         acc, c = self.accelerator, self.cfg
         model, opt = self.model, self.optimizer
         accum, world = c.trainer.grad_accum_steps, acc.num_processes
@@ -295,8 +377,10 @@ class Trainer:
             batches = self._next_batches(accum)
             t_all, u_all = self._step_noise(self.step)
             local = sum(self._num_targets(b["input_ids"]) for b in batches).double()
-            n_global = acc.reduce(local, "sum")  # tensor all-reduce: no host sync
-            grad_norm = None
+            # One tensor all-reduce, no host sync: the global token count and the processes' SIGTERM votes.
+            n_global, stop_votes = acc.reduce(torch.stack([local, self._stop.flag(local.device)]), "sum")
+            self._stop.push(stop_votes)
+            grad_norm, step_loss = None, torch.zeros((), dtype=torch.float64, device=acc.device)
             for m, batch in enumerate(batches):
                 rows = self._rows(m)
                 with acc.accumulate(model):
@@ -308,6 +392,8 @@ class Trainer:
                         grad_norm = acc.clip_grad_norm_(model.parameters(), c.optim.grad_clip or float("inf"))
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                step_loss += out.loss_sum.detach().double()
+            self._watch.update(step, step_loss, grad_norm)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step used
             self.scheduler.step()
             if self.ema is not None:
@@ -324,16 +410,25 @@ class Trainer:
                 self.history.setdefault("val_loss", []).append([step, self.epoch, logs["val/loss"]])
             if logs:
                 last.update(logs)
-                self.log(logs)
+                self.log(logs)  # the nonfinite_loss health rule stops here when the logged loss is NaN/Inf
+                self._check_finite()  # ... and this, when a step between two logs was
                 if bar is not None and "train/loss" in logs:
                     bar.set_postfix(loss=f"{logs['train/loss']:.3f}",
                                     tok_s=f"{logs.get('train/tokens_per_second', 0):.0f}")
+            saved = False
             if "val/loss" in logs and logs["val/loss"] < self.best_val:
                 self.best_val = logs["val/loss"]
                 self.best_ckpt = f"step_{step:07d}"
                 self.save()  # the best checkpoint is always on disk
-            elif step % c.trainer.save_every_n_steps == 0 or step == c.trainer.max_steps:
+                saved = True
+            if not saved and (step % c.trainer.save_every_n_steps == 0 or step == c.trainer.max_steps):
                 self.save()
+                saved = True
+            if self._stop.should_stop():  # the same step on every process
+                if not saved:
+                    self.save()
+                self.preempted = True
+                break
         if bar is not None:
             bar.close()
         hours = (time.perf_counter() - t0) / 3600
@@ -341,8 +436,16 @@ class Trainer:
                    "summary/final_loss": last.get("train/loss", float("nan")), "summary/best_val_loss": self.best_val,
                    "summary/best_val_perplexity": math.exp(self.best_val) if math.isfinite(self.best_val) else None,
                    "summary/steps_this_session": self.step - start_step}
-        self.log(summary)
+        if not self.preempted:  # the run is not over: its summary comes when it is
+            self.log(summary)
         return {**last, **summary}
+
+    def _check_finite(self):
+        """Collective. Raise if a step since the last check had a NaN/Inf loss or gradient norm on any process."""
+        bad = self._watch.first_bad_step(self.accelerator) if hasattr(self, "_watch") else None
+        if bad is not None:
+            raise TrainingStopped(f"non-finite loss or gradient norm at step {bad}; stopped at step {self.step} "
+                                  f"without saving the poisoned state (last good checkpoint: {self._latest_name()})")
 
     def _latest_name(self):
         ckpts = list_checkpoints(self.ckpt_root)
@@ -369,17 +472,23 @@ class Trainer:
         model = self.ema.module if self.ema is not None else self.model
         was_training = model.training
         model.eval()
+        # eval_batches counts *global* batches, so 1 and N processes score the same rows: each process runs its
+        # share (rounded up) and rows past the limit are dropped after the gather.
         max_batches = max_batches or self.cfg.trainer.eval_batches or None
+        limit = max_batches * self.cfg.trainer.micro_batch_size if max_batches else None
+        per_process = math.ceil(max_batches / acc.num_processes) if max_batches else None
         t_all, u_all = self._val_noise
         total = torch.zeros(2, dtype=torch.float64, device=acc.device)
         for i, batch in enumerate(self.val_dl):
-            if max_batches and i >= max_batches:
+            if per_process and i >= per_process:
                 break
             idx = batch["idx"].cpu()
             out = self.compute_loss(batch, t_all[idx], u_all[idx], model=model)
-            per_row = self._per_row_sums(out)
-            per_row = acc.gather_for_metrics(per_row)  # drops the rows Accelerate duplicated to even out shards
-            total += per_row.sum(0)
+            rows = torch.cat([self._per_row_sums(out), batch["idx"][:, None].to(torch.float64)], 1)
+            rows = acc.gather_for_metrics(rows)  # drops the rows Accelerate duplicated to even out shards
+            if limit:
+                rows = rows[rows[:, 2] < limit]
+            total += rows[:, :2].sum(0)
         model.train(was_training)
         loss = float(total[0] / total[1])
         return {"val/loss": loss, "val/perplexity": math.exp(loss), "val/num_tokens": float(total[1])}
@@ -395,10 +504,13 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- save
     def save(self):
+        """Collective: checkpoint the current step (never a state that followed a NaN/Inf step)."""
+        self._check_finite()
         state = {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
                  "best_val": self.best_val, "best_ckpt": self.best_ckpt, "wandb_id": self.wandb_id,
                  "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer), "history": self.history,
-                 "world_size": self.accelerator.num_processes}
+                 "world_size": self.accelerator.num_processes, "layout": self._layout(),
+                 "metrics": self.metrics.state_dict()}
         export = self.ema.module if self.ema is not None else self.model
         save_checkpoint(self.accelerator, self.ckpt_root, self.step, state, export, self.tokenizer,
                         self.cfg.trainer.min_free_disk_mb)
@@ -408,7 +520,11 @@ class Trainer:
     def sample(self, n: int, steps: int, seed: int = 0) -> list[str]:
         from tdlm.sampling import ancestral_sample
 
-        model = self.accelerator.unwrap_model(self.ema.module if self.ema is not None else self.model)
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:  # sharded parameters: sample from the exported model
+            model = load_exported(self.ckpt_root / self._latest_name() / "model").to(self.accelerator.device)
+        else:
+            model = self.accelerator.unwrap_model(self.ema.module if self.ema is not None else self.model)
         model.eval()
         g = torch.Generator(device=self.accelerator.device).manual_seed(seed)
         if self.causal:
@@ -428,12 +544,23 @@ class Trainer:
             sink.close()
         self.sinks.clear()
         acc = self.accelerator
+        if acc.state.deepspeed_plugin is not None:
+            acc.free_memory()  # DeepSpeed's engine.destroy() needs the process group that end_training() destroys
         acc.end_training()
         # Two-process gloo runs abort at exit about 1 in 6 unless the prepared objects are dropped first.
         del self.model, self.optimizer, self.train_dl, self.val_dl
         self.__dict__.pop("_iter", None)
         acc.free_memory()
         gc.collect()
+
+
+def preempted_message(trainer: Trainer, argv: list[str]) -> str:
+    """How to continue a run stopped by SIGTERM: the same command with trainer.resume=auto."""
+    args = [a for a in argv if not a.startswith(("trainer.resume=", "trainer.overwrite="))]
+    launcher = "accelerate launch <same launch options>" if "LOCAL_RANK" in os.environ else "python"
+    cmd = " ".join(shlex.quote(a) for a in [sys.argv[0], *args, "trainer.resume=auto"])
+    return (f"stopped by SIGTERM after step {trainer.step}; checkpoint {trainer.ckpt_root / trainer._latest_name()} "
+            f"written. Resume with: {launcher} {cmd}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,7 +574,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
         result = trainer.train()
         acc = trainer.accelerator
-        if acc.is_main_process:
+        if trainer.preempted:
+            if acc.is_main_process:
+                print(preempted_message(trainer, argv), flush=True)
+            return 0
+        if acc.is_main_process and "val/perplexity" in result:
             vp = result.get("val/perplexity")
             kind = "exact perplexity (AR)" if cfg.model.causal else "perplexity bound (NELBO)"
             print(f"validation {kind}: {vp:.3f}   val/loss {result.get('val/loss'):.4f} nats/token   "

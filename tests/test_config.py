@@ -60,3 +60,26 @@ def test_metric_cadences_must_be_multiples_of_logging_steps(tmp_path):
                              "metrics.detailed_metrics_steps=500", "metrics.attention_analysis_steps=2000"])
     assert cfg.metrics.tiers.essential.enabled and not cfg.metrics.tiers.research.enabled
     assert "metrics.tiers.research.enabld" in err(tmp_path, overrides=["metrics.tiers.research.enabld=true"])
+
+
+def test_out_of_range_values_and_cadences(tmp_path):
+    # the mask ratio 1 - alpha(t) is bounded through t in [t_min, 1]
+    assert "diffusion.t_min" in err(tmp_path, overrides=["diffusion.t_min=-0.1"])
+    assert "diffusion.loglinear_eps" in err(tmp_path, overrides=["diffusion.loglinear_eps=1"])
+    assert "diffusion.clip_weight" in err(tmp_path, overrides=["diffusion.clip_weight=-1"])
+    for key in ("metrics.logging_steps", "trainer.save_every_n_steps", "trainer.eval_every_n_steps"):
+        assert key in err(tmp_path, overrides=[f"{key}=0"])
+    assert "trainer.eval_every_n_steps" in err(tmp_path, overrides=["metrics.logging_steps=100",
+                                                                     "trainer.eval_every_n_steps=150"])
+    assert "optim.beta2" in err(tmp_path, overrides=["optim.beta2=1.0"])
+    assert "optim.min_lr_ratio" in err(tmp_path, overrides=["optim.min_lr_ratio=1.5"])
+    assert "trainer.min_free_disk_mb" in err(tmp_path, overrides=["trainer.min_free_disk_mb=-5"])
+    assert "model.dropout" in err(tmp_path, overrides=["model.dropout=1"])
+
+
+def test_wrong_type_in_yaml_names_key_and_value(tmp_path):
+    msg = err(tmp_path, "optim:\n  lr: fast\n")
+    assert "optim.lr" in msg and "'fast'" in msg
+    assert "trainer.keep_last" in err(tmp_path, "trainer:\n  keep_last: 2.5\n")
+    assert "data.paths" in err(tmp_path, "data:\n  paths: a.txt\n")
+    assert err(tmp_path, "trainer: 3\n").startswith("trainer: expected a mapping")

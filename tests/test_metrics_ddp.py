@@ -40,7 +40,8 @@ def test_two_process_metrics_equal_one_process(tiny, tmp_path):
              "metrics.attention_analysis_steps": 2, "trainer.eval_every_n_steps": 2, "trainer.grad_accum_steps": 2,
              "metrics.console": False}
     config = ROOT / "configs" / "markov.yaml"
-    one = Trainer(load_config(config, tiny(**every, **{"trainer.micro_batch_size": 8, "trainer.run_name": "one"})))
+    one = Trainer(load_config(config, tiny(**every, **{"trainer.micro_batch_size": 8, "trainer.run_name": "one",
+                                                                "trainer.eval_batches": 2})))
     try:
         one.train()
     finally:
@@ -49,7 +50,8 @@ def test_two_process_metrics_equal_one_process(tiny, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(ROOT / "tdlm" / "train.py"), str(config),
-           *tiny(**every, **{"trainer.micro_batch_size": 4, "trainer.run_name": "two"})]
+           *tiny(**every, **{"trainer.micro_batch_size": 4, "trainer.run_name": "two",
+                             "trainer.eval_batches": 4})]  # the same 16 validation rows (eval_batches x micro)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two_dir = tmp_path / "runs" / "two"

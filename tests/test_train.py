@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,21 +49,6 @@ def test_run_layout_and_learning(tiny, tmp_path):
     assert model.config.mask_token_id == trainer.mask_id and not model.config.causal
 
 
-def test_resume_reproduces_uninterrupted_losses(tiny, tmp_path):
-    common = {"trainer.max_steps": 12, "trainer.save_every_n_steps": 4, "trainer.eval_every_n_steps": 4,
-              "trainer.ema_decay": 0.9, "data.markov_tokens": 6000, "trainer.micro_batch_size": 4,
-              "trainer.grad_accum_steps": 2}
-    run(tiny(**common, **{"trainer.run_name": "full"}))
-    # Stop after step 8 (as a kill right after the step-8 checkpoint would), then resume to 12.
-    run(tiny(**common, **{"trainer.run_name": "cut"}), stop_at=8)
-    cfg = tiny(**common, **{"trainer.run_name": "cut", "trainer.resume": "auto"})
-    run(cfg)
-    full, cut = losses(tmp_path / "runs" / "full"), losses(tmp_path / "runs" / "cut")
-    assert sorted(cut) == list(range(1, 13))
-    for step in range(1, 13):
-        assert full[step] == cut[step], (step, full[step], cut[step])
-
-
 def test_ar_mode_reports_exact_nll(tiny, tmp_path):
     result, trainer = run(tiny(**{"model.causal": True, "trainer.max_steps": 4}))
     assert result["val/loss"] > 0 and math.isfinite(result["val/loss"])
@@ -95,6 +81,57 @@ def test_bad_input_one_line_errors(tiny, tmp_path, capsys):
     assert main([str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "missing.yaml" in err[0]
+
+
+def test_more_bad_input_one_line_errors(tiny, tmp_path, capsys, monkeypatch):
+    run(tiny(**{"trainer.max_steps": 2, "trainer.save_every_n_steps": 2, "trainer.eval_every_n_steps": 2}))
+    rd = tmp_path / "runs" / "t"
+    before = sorted(str(p.relative_to(rd)) for p in rd.rglob("*"))
+    # a checkpoint whose data layout differs cannot resume exactly
+    with pytest.raises(ConfigError, match="trainer.micro_batch_size: 4 differs from the checkpoint's 8"):
+        Trainer(load_config(None, tiny(**{"trainer.resume": "auto", "trainer.micro_batch_size": 4})))
+    with pytest.raises(ConfigError, match="trainer.resume: .*not a complete checkpoint"):
+        Trainer(load_config(None, tiny(**{"trainer.resume": str(rd)})))
+    # not enough disk: refused before anything is written or deleted
+    with pytest.raises(ConfigError, match="trainer.min_free_disk_mb: only .* MiB free"):
+        Trainer(load_config(None, tiny(**{"trainer.overwrite": True, "trainer.min_free_disk_mb": 2**40})))
+    assert sorted(str(p.relative_to(rd)) for p in rd.rglob("*")) == before
+    # unreadable tokenizers: a pretrained one given by path, and the one of a prepared dataset
+    bad_tok = tmp_path / "bad_tok"
+    bad_tok.mkdir()
+    (bad_tok / "tokenizer.json").write_text("{not json")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"doc {i} words here" for i in range(50)))
+    with pytest.raises(ConfigError, match="data.tokenizer: cannot load tokenizer .*bad_tok"):
+        Trainer(load_config(None, tiny(**{"data.source": "files", "data.paths": f"[{corpus}]",
+                                          "data.tokenizer": str(bad_tok), "trainer.run_name": "tok"})))
+    prepared = tmp_path / "prepared"
+    shutil.copytree(next(p for p in (tmp_path.parent / "data_cache").iterdir() if (p / "info.json").is_file()),
+                    prepared)
+    (prepared / "tokenizer" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="data.tokenizer: cannot load .*prepared/tokenizer"):
+        Trainer(load_config(None, tiny(**{"data.source": "prepared", "data.paths": f"[{prepared}]",
+                                          "trainer.run_name": "prep"})))
+    # the CLI: malformed YAML names the line, one line on stderr, exit code 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: 3\n  seed: [1, 2\n")
+    capsys.readouterr()
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.yaml line 4" in err[0]
+    # overwrite=true replaces the old run
+    run(tiny(**{"trainer.max_steps": 1, "trainer.overwrite": True}))
+    assert [p.name for p in (rd / "checkpoints").iterdir()] == ["step_0000001"]
+
+
+def test_wandb_online_without_credentials_falls_back_to_offline(tiny, tmp_path, monkeypatch, capfd):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    result, _ = run(tiny(**{"trainer.max_steps": 2, "wandb.enabled": True, "wandb.mode": "online"}))
+    assert math.isfinite(result["train/loss"])
+    assert "wandb.mode=online but no wandb API key" in capfd.readouterr().err
+    assert list((tmp_path / "runs" / "t" / "wandb").glob("offline-run-*"))
 
 
 def test_local_text_files_with_padding(tiny, tmp_path):

@@ -288,6 +288,37 @@ class MetricRunner:
             sink.log(values, step)
         return stops
 
+    def state_dict(self) -> dict:
+        """Collective. The unreported windows (combined across processes) and the health monitor's memory, as
+        JSON-able lists, so a resumed run logs what the uninterrupted one would have."""
+        collectors = {}
+        for i, c in enumerate(self.collectors):
+            states = {}
+            for name, reduce in c.states():
+                value = getattr(c, name).detach().clone()
+                if reduce is not None and _world() > 1:
+                    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+                    dist.all_reduce(value, op=ops[reduce])
+                states[name] = {"dtype": str(value.dtype).removeprefix("torch."), "value": value.cpu().tolist()}
+            collectors[f"{i}:{type(c).__name__}"] = states
+        return {"collectors": collectors, "health": self.health.state_dict() if self.health is not None else {}}
+
+    def load_state_dict(self, state: Mapping, rank: int = 0) -> None:
+        """Sums go to rank 0 only (the others start from zero, so the next sync adds up to the saved total);
+        max/min and unreduced states to every rank."""
+        saved = state.get("collectors", {})
+        for i, c in enumerate(self.collectors):
+            states = saved.get(f"{i}:{type(c).__name__}")
+            if states is None:  # a different set of collectors (tiers switched on or off): fresh windows
+                continue
+            for name, reduce in c.states():
+                if name in states and (reduce != "sum" or rank == 0):
+                    old = getattr(c, name)
+                    value = torch.tensor(states[name]["value"], dtype=getattr(torch, states[name]["dtype"]))
+                    setattr(c, name, value.to(old.device).reshape(old.shape))
+        if self.health is not None:
+            self.health.load_state_dict(state.get("health", {}))
+
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()

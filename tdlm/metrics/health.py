@@ -67,6 +67,12 @@ class HealthMonitor:
                 self.params[r.name] = p
         self.latest: dict[str, float] = {}
 
+    def state_dict(self) -> dict:
+        return {"latest": {k: float(v) for k, v in self.latest.items() if isinstance(v, (int, float))}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.latest = dict(state.get("latest", {}))
+
     def check(self, step: int, values: Mapping[str, float]) -> tuple[dict[str, float], list[tuple[Rule, str]]]:
         """Flags for the rules whose inputs appear in ``values`` (others read their latest logged value)."""
         self.latest.update(values)
