@@ -32,6 +32,7 @@ def run(a) -> dict:
     threads = set_threads(a.threads)
     before = machine_state(threads)
     train, _ = hash_split(stdlib_docstrings(), 0.05)
+    train = train[: a.max_documents or None]
     tok = train_bpe_tokenizer(train, a.vocab_size)
     results = {}
     for k in a.repeat:
@@ -63,6 +64,7 @@ def parse(argv=None):
     p.add_argument("--repeat", type=int, nargs="+", default=[1, 8])
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--max-documents", type=int, default=0, help="0 = the whole corpus")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     return p.parse_args(argv)

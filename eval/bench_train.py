@@ -22,7 +22,7 @@ FLOPs: ``model`` = 6 N tokens + 12 layers L h tokens (attention), N = the parame
 runs only at masked positions (about half), so its executed FLOPs are lower than its model FLOPs. Both are
 divided by a measured fp32 (CPU) / bf16 (CUDA) matmul peak of this device: the better of torch.matmul (MKL on
 CPU) and oneDNN, 2048^2 (CPU) / 8192^2 (CUDA), interleaved with nothing else. On CUDA the spec-sheet dense bf16
-peak is reported too where the device is known (H100/H200 SXM: 989 TFLOP/s).
+peak is reported too where the device is known (H100/H200 SXM: 989 TFLOP/s, H100 PCIe: 756).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ PRESETS = {
     "cpu": dict(layers=6, hidden=384, heads=6, vocab=8192, seq_len=128, batch=16, rounds=10, warmup=2),
     "gpu125m": dict(layers=12, hidden=768, heads=12, vocab=50304, seq_len=1024, batch=16, rounds=20, warmup=5),
 }
-SPEC_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense, SXM
+# dense bf16 spec-sheet peaks; the first name contained in the device name wins
+SPEC_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 MASK_ID, PAD_ID = 0, 1
 
 
