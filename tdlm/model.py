@@ -48,6 +48,63 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# CPU GEMM. PyTorch sends fp32 matmuls to MKL, which on non-Intel x86 CPUs (this project's AMD EPYC dev
+# machine) takes a path about half as fast as oneDNN's AVX-512 kernels: 2048^2 ran at ~200 vs ~450 GFLOP/s
+# on 2 threads (eval/bench_train.py prints both). So on CPU, in fp32, the linear layers call oneDNN's matmul
+# (forward and both backward products). Same math, a different summation order: results agree to float
+# tolerance. Elsewhere (CUDA, autocast, other dtypes) F.linear runs unchanged.
+
+_ONEDNN_GEMM = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@torch.library.custom_op("tdlm::onednn_mm", mutates_args=())
+def onednn_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ w.T for w (N, K) by oneDNN; either operand may be a transposed view. Differentiable.
+
+    A custom op, so ``torch.compile`` keeps it as one opaque call (inductor cannot lower the raw oneDNN op).
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+@onednn_mm.register_fake
+def _(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _onednn_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _onednn_mm_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    grad_x = onednn_mm(grad, w.t()) if ctx.needs_input_grad[0] else None  # (M, N) @ (N, K)
+    grad_w = onednn_mm(grad.t(), x.t()) if ctx.needs_input_grad[1] else None  # (N, M) @ (M, K)
+    return grad_x, grad_w
+
+
+onednn_mm.register_autograd(_onednn_mm_backward, setup_context=_onednn_mm_setup)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           cpu_gemm: str = "onednn") -> torch.Tensor:
+    """F.linear, computed by oneDNN for fp32 on CPU when ``cpu_gemm == "onednn"`` (see above)."""
+    if (cpu_gemm == "onednn" and _ONEDNN_GEMM and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and x.numel()):
+        y = onednn_mm(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) whose CPU fp32 product goes through ``linear``."""
+
+    cpu_gemm = "onednn"  # "aten" = plain F.linear; set per model with TdlmForMaskedDiffusion.set_cpu_gemm
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias, self.cpu_gemm)
+
+
 def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (L, hd/2)
@@ -66,8 +123,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)  # fused: one matmul
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)  # fused: one matmul
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.dropout = cfg.dropout
         self.causal = cfg.causal
 
@@ -94,8 +151,8 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: TdlmConfig):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -131,7 +188,7 @@ class TdlmForMaskedDiffusion(PreTrainedModel):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rope: tuple | None = None  # computed on first use: from_pretrained leaves non-persistent buffers empty
         self.post_init()
 
@@ -152,6 +209,15 @@ class TdlmForMaskedDiffusion(PreTrainedModel):
             block.attn.proj._is_residual = True
             block.mlp.down._is_residual = True
         super().post_init()
+
+    def set_cpu_gemm(self, backend: str) -> "TdlmForMaskedDiffusion":
+        """"onednn" (default) or "aten": which GEMM the linear layers use for fp32 on CPU."""
+        if backend not in ("onednn", "aten"):
+            raise ValueError(f"cpu_gemm: {backend!r} is not one of onednn, aten")
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.cpu_gemm = backend
+        return self
 
     def get_input_embeddings(self):
         return self.embed

@@ -145,7 +145,8 @@ def build_optimizer(model, optim_cfg):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() < 2 or "embed" in n)]
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
+                             fused=optim_cfg.fused)
 
 
 def load_exported(path: Path) -> TdlmForMaskedDiffusion:
@@ -290,7 +291,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- loss
     def compute_loss(self, batch, t=None, uniforms=None, model=None) -> StepOutputs:
-        model = model or self.model
+        model = self.model if model is None else model  # not `or`: bool() of a compiled module raises
         ids = batch["input_ids"]
         attn = batch.get("attention_mask")
         valid = ids != self.pad_id

@@ -1,0 +1,102 @@
+"""Sampling throughput: the cached ancestral sampler vs uncached at 1000 steps, and LLaDA low-confidence
+remasking at 64 steps, in one process, interleaved; JSON out.
+
+    python eval/bench_sampling.py                                  # quickstart shape, random weights
+    python eval/bench_sampling.py --checkpoint runs/quickstart/checkpoints/step_0000600/model --batch 1 16
+
+The cache skips the network when the previous step revealed nothing (the model has no time input, so an
+unchanged canvas gives unchanged logits). A step changes nothing only if *no row* of the batch reveals a token,
+which at 1000 steps and L=128 happens often for one sequence (P ~ exp(-L/steps) per step) and seldom for a
+batch of 16 (exp(-16 L/steps)): the speed-up is a property of batch x length / steps, so it is reported per
+batch size together with the number of network calls. Cached and uncached runs share a generator seed, and
+their samples must be identical (``identical_samples``). Weights do not change the cost; ``--checkpoint`` only
+makes the samples meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench_common import emit, interleaved, machine_state, median, ratio, set_threads, spread
+from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion
+
+try:
+    from tdlm.sampling import SamplerConfig, generate
+except ImportError as exc:  # the sampler with a cache and low-confidence remasking comes with the eval work
+    raise SystemExit(f"eval/bench_sampling.py needs tdlm.sampling.SamplerConfig and generate (the cached "
+                     f"ancestral and low-confidence samplers), which this checkout lacks ({exc}); re-run it once "
+                     f"they are merged") from None
+
+MASK_ID = 0
+
+
+def load_model(a) -> TdlmForMaskedDiffusion:
+    if a.checkpoint:
+        return TdlmForMaskedDiffusion.from_pretrained(a.checkpoint).eval()
+    torch.manual_seed(0)
+    cfg = TdlmConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
+                     max_seq_len=a.seq_len, mask_token_id=MASK_ID)
+    return TdlmForMaskedDiffusion(cfg).eval()
+
+
+def arms_for(model, batch: int, seq_len: int, mask_id: int, outputs: dict) -> dict:
+    """Arms drawing ``batch`` samples; a warm-up call (i < 0) runs 4 steps only."""
+    canvas = torch.full((batch, seq_len), mask_id, dtype=torch.long)
+    kinds = {"ancestral_1000_uncached": dict(method="ancestral", steps=1000, use_cache=False),
+             "ancestral_1000_cached": dict(method="ancestral", steps=1000, use_cache=True),
+             "low_confidence_64": dict(method="low_confidence", steps=64)}
+
+    def arm(name, kw):
+        def go(i):
+            cfg = SamplerConfig(**{**kw, "steps": kw["steps"] if i >= 0 else 4})
+            out = generate(model, canvas, mask_id, cfg, torch.Generator().manual_seed(max(i, 0)))
+            if i >= 0:
+                outputs.setdefault(name, []).append(out)
+        return go
+
+    return {name: arm(name, kw) for name, kw in kinds.items()}
+
+
+def run(a) -> dict:
+    threads = set_threads(a.threads)
+    before = machine_state(threads)
+    model = load_model(a)
+    mask_id = model.config.mask_token_id
+    seq_len = a.seq_len if not a.checkpoint else min(a.seq_len, model.config.max_seq_len)
+    results = {}
+    for b in a.batch:
+        outputs: dict = {}
+        timing = interleaved(arms_for(model, b, seq_len, mask_id, outputs), rounds=a.rounds, warmup=1)
+        sec = timing["seconds"]
+        same = all(torch.equal(u.ids, c.ids) for u, c in
+                   zip(outputs["ancestral_1000_uncached"], outputs["ancestral_1000_cached"]))
+        results[f"batch_{b}"] = {
+            **{n: {"samples_per_s": round(b / median(s), 3), **spread(s),
+                   "network_calls": median([o.network_calls for o in outputs[n]])} for n, s in sec.items()},
+            "cache_speedup": ratio(sec, "ancestral_1000_uncached", "ancestral_1000_cached"),
+            "low_confidence_64_vs_cached_ancestral_1000": ratio(sec, "ancestral_1000_cached", "low_confidence_64"),
+            "identical_samples": same, "cpu_share": timing["cpu_share"]}
+    return {"benchmark": "sampling", "model": "checkpoint " + a.checkpoint if a.checkpoint else "random weights",
+            "shape": {"layers": model.config.num_layers, "hidden": model.config.hidden_size,
+                      "vocab": model.config.vocab_size, "seq_len": seq_len}, "rounds": a.rounds,
+            "results": results, "machine_before": before, "machine_after": machine_state(threads)}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="", help="a model/ directory; default: random weights")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    emit(run(parse()))

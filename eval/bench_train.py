@@ -1,0 +1,308 @@
+"""Training-step throughput: tdlm vs ``transformers.BertForMaskedLM`` of the same shape, in one process; JSON out.
+
+    python eval/bench_train.py                       # CPU, the issue's shape: 6 x 384, 6 heads, L=128, B=16, V=8192
+    python eval/bench_train.py --ablations           # + what each optimisation is worth (see ARMS below)
+    python eval/bench_train.py --compile             # + torch.compile'd tdlm, with its compile time
+    python eval/bench_train.py --preset gpu125m      # CUDA: 125M parameters, L=1024, bf16 autocast, MFU vs peak
+
+Both models train on the same batches with the same optimizer (``tdlm.train.build_optimizer``: AdamW, decay
+groups), gradient clipping and threads. tdlm runs the trainer's own loss path (``Trainer.compute_loss``: masking
+noise, the LM head at masked positions only, w(t)-weighted CE / valid tokens); BERT does what an HF user would:
+the same masked inputs with ``labels`` = -100 off the masked positions, full logits, mean CE. Arms alternate in
+rotating order for ``--rounds`` rounds (``eval/bench_common.py``), medians and ratios reported.
+
+Identical shape: layers, hidden, heads, vocabulary (tied head in both), sequence length and batch are the same.
+BERT's FFN is a 4h GELU MLP (2 matrices); tdlm's is SwiGLU (3 matrices), so tdlm gets intermediate_size = 8h/3
+(1024 at h=384): the FFN has the same parameters *and* the same FLOPs. Dropout is 0 in both (tdlm's default;
+BERT's 0.1 default would add work tdlm does not do). BERT keeps its own extras (biases, LayerNorm, position
+embeddings, the MLM transform layer); they are part of what a user of it pays.
+
+FLOPs: ``model`` = 6 N tokens + 12 layers L h tokens (attention), N = the parameters of the matrix products
+(tied head counted once), the issue's formula for both models. ``executed`` = what was computed: tdlm's LM head
+runs only at masked positions (about half), so its executed FLOPs are lower than its model FLOPs. Both are
+divided by a measured fp32 (CPU) / bf16 (CUDA) matmul peak of this device: the better of torch.matmul (MKL on
+CPU) and oneDNN, 2048^2 (CPU) / 8192^2 (CUDA), interleaved with nothing else. On CUDA the spec-sheet dense bf16
+peak is reported too where the device is known (H100/H200 SXM: 989 TFLOP/s, H100 PCIe: 756).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench_common import emit, interleaved, machine_state, median, ratio, set_threads, spread
+from tdlm.config import OptimSection, RunConfig
+from tdlm.diffusion import apply_noise, make_schedule, sample_t
+from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion, linear, onednn_mm
+from tdlm.train import Trainer, build_optimizer
+
+PRESETS = {
+    "cpu": dict(layers=6, hidden=384, heads=6, vocab=8192, seq_len=128, batch=16, rounds=10, warmup=2),
+    "gpu125m": dict(layers=12, hidden=768, heads=12, vocab=50304, seq_len=1024, batch=16, rounds=20, warmup=5),
+}
+# dense bf16 spec-sheet peaks; the first name contained in the device name wins
+SPEC_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+MASK_ID, PAD_ID = 0, 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and steps
+
+
+def build_tdlm(a) -> TdlmForMaskedDiffusion:
+    cfg = TdlmConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
+                     intermediate_size=8 * a.hidden // 3, max_seq_len=a.seq_len, mask_token_id=MASK_ID,
+                     pad_token_id=PAD_ID)
+    return TdlmForMaskedDiffusion(cfg)
+
+
+def build_bert(a) -> nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
+                     num_attention_heads=a.heads, intermediate_size=4 * a.hidden, max_position_embeddings=a.seq_len,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD_ID)
+    return BertForMaskedLM(cfg)
+
+
+def use_onednn_linear(model: nn.Module) -> nn.Module:
+    """Route a foreign model's nn.Linear layers through tdlm's CPU GEMM (the like-for-like-backend control)."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.forward = lambda x, m=m: linear(x, m.weight, m.bias)
+    return model
+
+
+class FullHead(nn.Module):
+    """tdlm computing logits at every position and selecting the masked ones afterwards (ablation)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask=None, logits_mask=None):
+        logits = self.inner(input_ids, attention_mask)
+        return logits[logits_mask] if logits_mask is not None else logits
+
+
+def make_step(model, loss_fn, optim_cfg: OptimSection, amp: torch.dtype | None):
+    """One optimizer step: loss, backward, clip at 1.0, AdamW step, zero grads (set_to_none), as the trainer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, optim_cfg)
+    device = params[0].device.type
+
+    def step(batch):
+        with torch.autocast(device, dtype=amp, enabled=amp is not None):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def tdlm_loss(stub):
+    def loss(model, batch):
+        stub.model = model
+        out = Trainer.compute_loss(stub, {"input_ids": batch["ids"]}, batch["t"], batch["u"])
+        return out.loss_sum / out.num_tokens
+
+    return loss
+
+
+def bert_loss(model, batch):
+    ids = batch["ids"]
+    nb = apply_noise(ids, ids != PAD_ID, batch["t"], batch["u"], make_schedule("linear"), MASK_ID)
+    labels = torch.where(nb.masked, ids, torch.full_like(ids, -100))
+    return model(input_ids=nb.noisy_ids, labels=labels).loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs and peak
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters used in matrix products: every Linear weight once (a tied head is the embedding, counted once)."""
+    seen = {}
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            seen[id(m.weight)] = m.weight.numel()
+    return sum(seen.values())
+
+
+def step_flops(n_matmul: int, a, masked_frac: float, head_everywhere: bool) -> tuple[float, float]:
+    """(model FLOPs, executed FLOPs) of one step: 6 N tokens + attention; head at masked positions if not everywhere."""
+    tokens = a.batch * a.seq_len
+    attn = 12 * a.layers * a.seq_len * a.hidden * tokens
+    model = 6 * n_matmul * tokens + attn
+    head = 6 * a.vocab * a.hidden * tokens
+    executed = model if head_everywhere else model - head * (1 - masked_frac)
+    return model, executed
+
+
+def matmul_arms(device: str, reps: int = 4) -> tuple[dict, float, str]:
+    """Timed arms of ``reps`` square matmuls per backend (torch.matmul, and oneDNN on CPU); (arms, FLOPs, dtype).
+
+    They run inside the same interleaved rounds as the training steps, so the peak and the steps see the same
+    load; the peak is the better backend's median.
+    """
+    n, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    w = torch.randn(n, n, device=device, dtype=dtype)
+
+    def rep(fn):
+        def arm(i):
+            for _ in range(reps):
+                fn()
+        return arm
+
+    arms = {"peak_torch_matmul": rep(lambda: x @ w.t())}
+    if device == "cpu":
+        arms["peak_onednn"] = rep(lambda: onednn_mm(x, w))
+    return arms, 2.0 * n**3 * reps, f"{n}^3 {str(dtype).replace('torch.', '')}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arms
+
+
+def build_arms(a, device: str) -> dict:
+    """name -> (model, loss_fn, optimizer config, LM head at every position?)."""
+    torch.manual_seed(0)
+    tdlm = build_tdlm(a).to(device)
+    bert = build_bert(a).to(device)
+    stub = SimpleNamespace(pad_id=PAD_ID, mask_id=MASK_ID, causal=False, schedule=make_schedule("linear"),
+                           cfg=RunConfig())
+    fused = OptimSection()
+    arms = {"tdlm": (tdlm, tdlm_loss(stub), fused, False), "bert": (bert, bert_loss, fused, True)}
+    if a.ablations:
+        arms["tdlm_full_head"] = (FullHead(copy.deepcopy(tdlm)), tdlm_loss(stub), fused, True)
+        arms["tdlm_forloop_adamw"] = (copy.deepcopy(tdlm), tdlm_loss(stub), OptimSection(fused=False), False)
+        if device == "cpu":
+            arms["tdlm_mkl_gemm"] = (copy.deepcopy(tdlm).set_cpu_gemm("aten"), tdlm_loss(stub), fused, False)
+            arms["bert_onednn_gemm"] = (use_onednn_linear(copy.deepcopy(bert)), bert_loss, fused, True)
+    if a.compile:
+        arms["tdlm_compiled"] = (torch.compile(copy.deepcopy(tdlm)), tdlm_loss(stub), fused, False)
+    return arms
+
+
+def make_batches(a, device: str, n: int = 4) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(4, a.vocab, (a.batch, a.seq_len), generator=g)
+        t = sample_t(a.batch, 1e-3, True, g)
+        u = torch.rand(a.batch, a.seq_len, generator=g)
+        out.append({"ids": ids.to(device), "t": t.to(device), "u": u.to(device)})
+    return out
+
+
+def memory_per_arm(steps: dict, batches: list[dict]) -> dict:
+    """CUDA only: peak allocated memory above the resident state while one arm takes a step, GiB."""
+    out = {}
+    for name, step in steps.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(batches[0])
+        torch.cuda.synchronize()
+        out[name] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+    return out
+
+
+def report_arms(a, arms: dict, seconds: dict, masked_frac: float, peak: float, spec: float | None) -> dict:
+    tokens = a.batch * a.seq_len
+    out = {}
+    for name, (model, _, _, head_everywhere) in arms.items():
+        sec = median(seconds[name])
+        n_mm = matmul_params(model)
+        model_f, exec_f = step_flops(n_mm, a, masked_frac, head_everywhere)
+        out[name] = {
+            "tokens_per_s": round(tokens / sec, 1), **spread(seconds[name]),
+            "params_total": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            "params_matmul": n_mm, "model_tflops_per_s": round(model_f / sec / 1e12, 4),
+            "mfu_model_flops": round(model_f / sec / peak, 3),
+            "executed_flops_frac_of_peak": round(exec_f / sec / peak, 3)}
+        if spec:
+            out[name]["mfu_vs_spec_peak"] = round(model_f / sec / spec, 3)
+    return out
+
+
+def run(a) -> dict:
+    device = a.device
+    threads = set_threads(a.threads)
+    before = machine_state(threads)
+    amp = torch.bfloat16 if device == "cuda" else None
+    arms = build_arms(a, device)
+    batches = make_batches(a, device)
+    masked_frac = sum(float((b["u"] < b["t"][:, None]).float().mean()) for b in batches) / len(batches)
+    steps = {name: make_step(m, loss, oc, amp) for name, (m, loss, oc, _) in arms.items()}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    compile_s = None
+    if "tdlm_compiled" in steps:  # the first calls compile (and recompile once: M, the masked count, varies)
+        t0 = time.perf_counter()
+        for b in batches:
+            steps["tdlm_compiled"](b)
+        compile_s = round(time.perf_counter() - t0, 1)
+    peak_arms, peak_f, peak_shape = matmul_arms(device)
+    timed = {n: (lambda i, s=s: s(batches[i % len(batches)])) for n, s in steps.items()}
+    timing = interleaved({**timed, **peak_arms}, rounds=a.rounds, warmup=a.warmup, sync=sync)
+    sec = timing["seconds"]
+    peaks = {k: peak_f / median(sec[k]) for k in peak_arms}
+    spec = None
+    if device == "cuda":
+        spec = next((v for k, v in SPEC_BF16_PEAK.items() if k in torch.cuda.get_device_name()), None)
+
+    ratios = {f"{n}_vs_bert": ratio(sec, "bert", n) for n in arms if n != "bert"}
+    if "bert_onednn_gemm" in arms:
+        ratios["tdlm_vs_bert_onednn_gemm"] = ratio(sec, "bert_onednn_gemm", "tdlm")
+    if "tdlm_mkl_gemm" in arms:
+        ratios["onednn_gemm_vs_mkl_gemm_in_tdlm"] = ratio(sec, "tdlm_mkl_gemm", "tdlm")
+    out = {"benchmark": "train_step", "preset": a.preset, "device": device,
+           "shape": {k: getattr(a, k) for k in ("layers", "hidden", "heads", "vocab", "seq_len", "batch")},
+           "tdlm_intermediate_size": 8 * a.hidden // 3, "bert_intermediate_size": 4 * a.hidden,
+           "precision": "bf16 autocast" if amp else "fp32", "masked_fraction": round(masked_frac, 3),
+           "rounds": a.rounds, "arms": report_arms(a, arms, sec, masked_frac, max(peaks.values()), spec),
+           "ratios": ratios,
+           "matmul_peak": {"shape": peak_shape, **{f"{k}_tflops": round(v / 1e12, 4) for k, v in peaks.items()},
+                           **spread(sec[max(peaks, key=peaks.get)])},
+           "cpu_share": timing["cpu_share"], "machine_before": before, "machine_after": machine_state(threads)}
+    if spec:
+        out["spec_bf16_peak_tflops"] = spec / 1e12
+    if compile_s is not None:
+        out["tdlm_compiled_first_4_steps_s"] = compile_s
+    if device == "cuda":
+        out["peak_step_memory_gib"] = memory_per_arm(steps, batches)
+    return out
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="default: gpu125m when CUDA is available, else cpu")
+    for k in ("layers", "hidden", "heads", "vocab", "seq_len", "batch", "rounds", "warmup"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
+    p.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    p.add_argument("--ablations", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    a = p.parse_args(argv)
+    a.preset = a.preset or ("gpu125m" if torch.cuda.is_available() else "cpu")
+    a.device = "cuda" if a.preset.startswith("gpu") else "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--preset gpu125m needs CUDA")
+    for k, v in PRESETS[a.preset].items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
+if __name__ == "__main__":
+    emit(run(parse()))

@@ -1,0 +1,117 @@
+"""The model's speed paths change no numbers: oneDNN GEMM vs F.linear, the masked-position head vs full logits,
+the trainer's loss vs a plain reference, fused vs for-loop AdamW."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tdlm.config import OptimSection, RunConfig
+from tdlm.diffusion import make_schedule
+from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion, linear, onednn_mm
+from tdlm.train import Trainer, build_optimizer
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+def tiny_model(**kw) -> TdlmForMaskedDiffusion:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=2, max_seq_len=16, mask_token_id=0,
+               pad_token_id=1)
+    return TdlmForMaskedDiffusion(TdlmConfig(**{**cfg, **kw}))
+
+
+def grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_matches_f_linear_forward_and_backward(bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 24, generator=g, requires_grad=True)
+    w = torch.randn(40, 24, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True) if bias else None
+    gy = torch.randn(3, 5, 40, generator=g)
+    ref = F.linear(x, w, b)
+    ref_grads = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), gy)
+    out = linear(x, w, b)
+    out_grads = torch.autograd.grad(out, [x, w] + ([b] if bias else []), gy)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(out_grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_mm_takes_transposed_views():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(24, 7, generator=g), torch.randn(24, 9, generator=g)
+    torch.testing.assert_close(onednn_mm(a.t(), b.t()), a.t() @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_falls_back_off_fp32_cpu():
+    x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(linear(x, w), F.linear(x, w))  # float64: plain F.linear, bit for bit
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x.float(), w.float()).dtype == torch.bfloat16  # autocast still applies
+
+
+def test_model_gemm_backends_agree_and_keys_are_unchanged():
+    fast = tiny_model()
+    slow = copy.deepcopy(fast).set_cpu_gemm("aten")
+    assert list(fast.state_dict()) == list(slow.state_dict())
+    assert "blocks.0.attn.qkv.weight" in fast.state_dict()
+    ids = torch.randint(2, 97, (3, 16), generator=torch.Generator().manual_seed(2))
+    for m in (fast, slow):
+        F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()
+    torch.testing.assert_close(fast(ids), slow(ids), rtol=1e-4, atol=1e-5)
+    gf, gs = grads(fast), grads(slow)
+    assert gf.keys() == gs.keys()
+    for n in gf:
+        torch.testing.assert_close(gf[n], gs[n], rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="cpu_gemm"):
+        fast.set_cpu_gemm("mkl")
+
+
+def test_masked_head_equals_full_logits_at_the_masked_positions():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 97, (4, 16), generator=g)
+    mask = torch.rand(4, 16, generator=g) < 0.4
+    torch.testing.assert_close(model(ids, logits_mask=mask), model(ids)[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_loss_matches_plain_reference():
+    """compute_loss (masked head, weighted CE) == full logits, log_softmax, gather, w(t), / valid tokens."""
+    model = tiny_model()
+    stub = SimpleNamespace(model=model, pad_id=1, mask_id=0, causal=False, schedule=make_schedule("linear"),
+                           cfg=RunConfig())
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(2, 97, (4, 16), generator=g)
+    ids[3, 12:] = 1  # a padded row
+    attn = ids != 1
+    t, u = torch.tensor([0.1, 0.5, 0.9, 0.7]), torch.rand(4, 16, generator=g)
+    out = Trainer.compute_loss(stub, {"input_ids": ids, "attention_mask": attn}, t, u)
+    loss = out.loss_sum / out.num_tokens
+
+    masked = (u < t[:, None]) & attn  # linear schedule: mask probability t
+    noisy = torch.where(masked, torch.zeros_like(ids), ids)
+    logp = model.set_cpu_gemm("aten")(noisy, attn).double().log_softmax(-1)  # (B, L, V)
+    nll = -logp.gather(-1, ids[..., None])[..., 0]  # (B, L)
+    ref = ((nll / t[:, None].double()) * masked).sum() / attn.sum()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+
+
+def test_fused_adamw_matches_for_loop():
+    models = [tiny_model(), tiny_model()]
+    opts = [build_optimizer(m, OptimSection(fused=f)) for m, f in zip(models, (True, False))]
+    ids = torch.randint(2, 97, (2, 16), generator=torch.Generator().manual_seed(5))
+    for _ in range(3):
+        for m, o in zip(models, opts):
+            F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
