@@ -22,12 +22,7 @@ import torch
 from bench_common import emit, interleaved, machine_state, median, ratio, set_threads, spread
 from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion
 
-try:
-    from tdlm.sampling import SamplerConfig, generate
-except ImportError as exc:  # the sampler with a cache and low-confidence remasking comes with the eval work
-    raise SystemExit(f"eval/bench_sampling.py needs tdlm.sampling.SamplerConfig and generate (the cached "
-                     f"ancestral and low-confidence samplers), which this checkout lacks ({exc}); re-run it once "
-                     f"they are merged") from None
+from tdlm.sampling import SamplerConfig, generate
 
 MASK_ID = 0
 
