@@ -192,7 +192,8 @@ def test_gen_ppl_refuses_without_scorer_and_matches_direct_scoring(runs, capsys,
     samples.write_text("".join(json.dumps({"text": ck.tokenizer.decode(r)}) + "\n" for r in rows))
     res = run_json(gen_ppl, ["--samples", str(samples), "--scorer", str(ck.path), "--json"], capsys)
     assert res["scored_tokens"] == 31 * 31
-    assert math.log(res["gen_ppl"]) == pytest.approx(runs["ar"]["result"]["val/loss"], rel=1e-9)
+    # fp32 logits from batches of different shapes: agreement to fp32 rounding, not bit-for-bit
+    assert math.log(res["gen_ppl"]) == pytest.approx(runs["ar"]["result"]["val/loss"], rel=1e-6)
 
 
 def test_compare_writes_markdown_json_and_plot(runs, capsys, tmp_path):
