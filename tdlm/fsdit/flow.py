@@ -73,11 +73,14 @@ def flow_loss(
     noise: torch.Tensor | None = None,
     drop: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    aux: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Velocity-matching loss per sample.
 
     Draws t ~ U(0, 1) and eps ~ N(0, I) unless given (pass both to evaluate on a fixed validation set).
     ``drop`` is forwarded to the model (None: the model's own per-sample CFG dropout in training mode).
+    ``aux``, when given, receives the detached ``x_t``, ``noise``, ``v_pred`` and ``v_target`` (B, C, H, W), and
+    whatever the model records there (t_emb, y_emb, c), for the metric collectors.
 
     Returns:
         (loss (B,) fp32, t (B,)); the caller takes ``loss.mean()`` and bins ``t`` with ``t_bin_index``.
@@ -88,8 +91,11 @@ def flow_loss(
     if noise is None:
         noise = _draw(torch.randn, x.shape, generator, x.device, x.dtype)
     x_t = interpolate(x, noise, t)  # (B, C, H, W)
-    pred = model(x_t, t, cond, drop=drop)  # (B, C, H, W)
-    return per_sample_mse(pred, target_velocity(x, noise)), t
+    pred = model(x_t, t, cond, drop=drop) if aux is None else model(x_t, t, cond, drop=drop, aux=aux)
+    target = target_velocity(x, noise)  # (B, C, H, W)
+    if aux is not None:
+        aux.update(x_t=x_t.detach(), noise=noise.detach(), v_pred=pred.detach(), v_target=target.detach())
+    return per_sample_mse(pred, target), t
 
 
 def t_bin_index(t: torch.Tensor, num_bins: int = 10) -> torch.Tensor:
