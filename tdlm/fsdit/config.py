@@ -76,6 +76,8 @@ class SiglipSection:
 @dataclass
 class FlowSection:
     t_dist: Literal["uniform", "logit_normal"] = "uniform"
+    stratified: bool = True
+    """Stratify t over the global batch (same marginal, every 1/n of probability mass hit once per step)."""
     num_t_bins: int = 10
     """Bins of t for train/loss_tbin_i and val/loss_tbin_i: bin k holds t in [k/K, (k+1)/K)."""
 

@@ -230,7 +230,7 @@ class Trainer:
         B = c.trainer.batch_size
         g = step_generator(c.trainer.seed, step)
         n = B * acc.num_processes
-        t = sample_t(n, c.flow.t_dist, g)
+        t = sample_t(n, c.flow.t_dist, g, stratified=c.flow.stratified)
         noise = torch.randn((n, *shape), generator=g)
         drop = torch.rand(n, generator=g) < c.model.class_dropout
         rows = slice(acc.process_index * B, (acc.process_index + 1) * B)

@@ -218,3 +218,14 @@ def test_a_cpu_generator_works_for_any_target_device():
     assert t.device.type == "meta" and t.shape == (4,)
     a = sample_t(4, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, torch.rand(4, generator=torch.Generator().manual_seed(0)))
+
+
+def test_stratified_t_hits_every_stratum_once_with_the_same_marginal():
+    g = torch.Generator().manual_seed(0)
+    for dist in ("uniform", "logit_normal"):
+        t = sample_t(20, dist, generator=g, stratified=True)
+        u = t if dist == "uniform" else torch.special.ndtr(torch.logit(t.double()))  # back to the uniform scale
+        assert sorted((u * 20).long().tolist()) == list(range(20)) and 0 <= t.min() and t.max() < 1
+    many = torch.cat([sample_t(10, generator=g, stratified=True) for _ in range(5000)])
+    assert float(many.mean()) == pytest.approx(0.5, abs=0.003) and float(many.var()) == pytest.approx(1 / 12, abs=0.002)
+    assert torch.bincount(t_bin_index(sample_t(10, generator=g, stratified=True)), minlength=10).tolist() == [1] * 10
