@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +203,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     ``X | None`` accepts null; ``Literal[...]`` accepts one of its values (the error lists them).
     """
     origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Union and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None:
             return None
         rest = [a for a in args if a is not type(None)]
