@@ -19,6 +19,9 @@ from tdlm.fsdit.siglip import OnlineEmbedder, SiglipEncoder, pool_support, preco
 
 def build_encoder(siglip_cfg) -> SiglipEncoder:
     """The frozen encoder: a local checkpoint (``siglip.path``), or a random tiny one (``siglip.tiny``)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar
     if siglip_cfg.tiny:
         return SiglipEncoder.from_config(tiny_siglip_config(siglip_cfg.tiny_image_size), seed=siglip_cfg.seed)
     try:

@@ -152,8 +152,10 @@ class Trainer:
         n = c.trainer.val_size
         self.val_set = fixed_set(val_set, n, self.embedder, encode, seed=c.trainer.seed + 101)
         self.train_probe = fixed_set(self.train_set, n, self.embedder, encode, seed=c.trainer.seed + 202)
-        self.sample_images, idx = sample_supports(val_set, c.sample.num_sets)
-        self.sample_cond = self.embedder(idx) if c.sample.num_sets else None
+        self.sample_images = self.sample_cond = None
+        if c.sample.num_sets:
+            self.sample_images, idx = sample_supports(val_set, c.sample.num_sets)
+            self.sample_cond = self.embedder(idx)
 
     def _to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device)

@@ -234,7 +234,9 @@ def test_configuration_errors_name_the_key(tmp_path, data_root, monkeypatch, cap
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path, data_root):
-    run(overrides(tmp_path, data_root, **{"trainer.max_steps": 2, "trainer.save_every_n_steps": 2}))
+    _, logs = run(overrides(tmp_path, data_root, **{"trainer.max_steps": 2, "trainer.save_every_n_steps": 2,
+                                                     "sample.num_sets": 0}))
+    assert not any(k.startswith("samples/") for k in logs[2])  # sample.num_sets = 0: no sampling at all
     with pytest.raises(ConfigError, match="already holds a run"):
         Trainer(load_fsdit_config(None, overrides(tmp_path, data_root)))
     with pytest.raises(ConfigError, match="model.hidden_size: 48 differs from the checkpoint's 24"):
