@@ -170,10 +170,13 @@ class Trainer:
         now = vars(self.model_config)
         for key in ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "cond_dim", "in_channels",
                     "image_size", "projector", "context_scale"):
-            if saved.get(key) != now[key]:
-                name = f"model.{key}" if key not in ("cond_dim", "in_channels", "image_size") else "siglip/model.use_vae"
-                raise ConfigError(f"{name}: {now[key]} differs from the checkpoint's {saved.get(key)} ({key}) "
-                                  f"in {ckpt}")
+            if saved.get(key) == now[key]:
+                continue
+            derived = {"cond_dim": "siglip.path", "in_channels": "model.use_vae", "image_size": "model.use_vae"}
+            if key in derived:  # cond_dim comes from the SigLIP encoder, the model-space shape from the VAE switch
+                raise ConfigError(f"{derived[key]}: gives {key} {now[key]}, but the checkpoint in {ckpt} has "
+                                  f"{saved.get(key)}")
+            raise ConfigError(f"model.{key}: {now[key]} differs from the checkpoint's {saved.get(key)} in {ckpt}")
         layout = read_state(ckpt).get("layout", {})
         for key, value in self._layout().items():
             if key in layout and layout[key] != value:
