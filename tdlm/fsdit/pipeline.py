@@ -29,8 +29,13 @@ def build_encoder(siglip_cfg) -> SiglipEncoder:
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     except (OSError, ValueError) as exc:  # a directory that is not a loadable SigLIP checkpoint
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"siglip.path: cannot load a SigLIP vision model from '{siglip_cfg.path}': {first}") from None
+        raise ConfigError(f"siglip.path: cannot load a SigLIP vision model from '{siglip_cfg.path}': "
+                          f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class SupportEmbedder:
@@ -96,8 +101,7 @@ class VaeCodec:
         try:
             vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"model.vae_path: cannot load an AutoencoderKL from '{path}': "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+            raise ConfigError(f"model.vae_path: cannot load an AutoencoderKL from '{path}': {_first_line(exc)}") from None
         self.vae = vae.eval().requires_grad_(False).to(device)
         self.scale = scale
 

@@ -8,7 +8,7 @@ by flow matching, conditioned on the pooled SigLIP embedding of the support set.
 A step: a batch of episodes (target, support indices, class) -> pooled support embeddings -> (VAE latents) ->
 t, noise and CFG drop drawn for the global batch from a generator keyed by the step -> per-sample velocity MSE ->
 backward -> clip -> AdamW -> warm-up/cosine LR -> EMA. Metrics go through the shared collectors
-(``tdlm/metrics/image.py``, docs/metrics_fsdit.md); checkpoints through ``tdlm/checkpoint.py``.
+(``tdlm/metrics/image/``, docs/metrics_fsdit.md); checkpoints through ``tdlm/checkpoint.py``.
 """
 
 from __future__ import annotations

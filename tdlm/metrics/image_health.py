@@ -49,7 +49,7 @@ def build_fsdit_metrics(cfg, *, cond_dim: int, pooled_range: float = 1.0, device
 
 
 REFERENCE_INTRO = """
-Every metric the FSDiT trainer (`tdlm/fsdit/train.py`) logs, generated from `tdlm/metrics/image.py`
+Every metric the FSDiT trainer (`tdlm/fsdit/train.py`) logs, generated from `tdlm/metrics/image/`
 (collectors, registry `IMAGE`) and `tdlm/metrics/image_health.py` (`FSDIT_RULES`), on the same core, tiers,
 cadence rules and health engine as the text trainer ([metrics.md](metrics.md)):
 
