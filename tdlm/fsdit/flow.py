@@ -145,12 +145,17 @@ def guided_velocity(
 # Samplers: dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data)
 
 
+def _time_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 times for a float64 state (exact grids in tests and analyses), float32 otherwise (never bf16)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @torch.no_grad()
 def euler_integrate(velocity: VelocityFn, x0: torch.Tensor, steps: int = 50) -> torch.Tensor:
     """x_{k+1} = x_k + dt * v(x_k, t_k), t_k = k / steps. ``steps`` network evaluations."""
     x, dt = x0, 1.0 / steps
     for k in range(steps):
-        t = torch.full((x.shape[0],), k * dt, device=x.device)
+        t = torch.full((x.shape[0],), k * dt, device=x.device, dtype=_time_dtype(x))
         x = x + dt * velocity(x, t)
     return x
 
@@ -164,7 +169,7 @@ def heun_integrate(velocity: VelocityFn, x0: torch.Tensor, steps: int = 25) -> t
     """
     x, dt = x0, 1.0 / steps
     for k in range(steps):
-        t = torch.full((x.shape[0],), k * dt, device=x.device)
+        t = torch.full((x.shape[0],), k * dt, device=x.device, dtype=_time_dtype(x))
         v = velocity(x, t)
         v_next = velocity(x + dt * v, t + dt)
         x = x + 0.5 * dt * (v + v_next)

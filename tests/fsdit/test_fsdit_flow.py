@@ -102,7 +102,8 @@ def test_t_bin_index_edges_and_uniform_occupancy():
 def test_euler_lands_exactly_on_a_single_data_point():
     # Data = one point x*: the marginal velocity (x* - x)/(1 - t) is constant (= x* - eps) along the trajectory,
     # so Euler is exact for any number of steps.
-    x_star, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x_star, eps = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g) for _ in range(2))
     field = lambda x, t: (x_star - x) / (1 - t.view(-1, 1, 1, 1).double())  # noqa: E731
     for steps in (1, 3, 50):
         assert torch.allclose(euler_integrate(field, eps, steps), x_star, atol=1e-10)
