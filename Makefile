@@ -28,6 +28,13 @@ demo-ar: $(STAMP)
 demo-markov: $(STAMP)
 	$(PY) tdlm/train.py configs/markov.yaml trainer.overwrite=true
 
+# FSDiT on a generated CIFAR-100-layout dataset with a random tiny SigLIP (written once to .cache/fsdit/).
+FSDIT_DEMO_DATA := .cache/fsdit/demo_data
+demo-fsdit: $(STAMP)
+	test -f $(FSDIT_DEMO_DATA)/cifar-100-python/meta || $(PY) -m tdlm.fsdit.data synthetic $(FSDIT_DEMO_DATA) --classes 20 --per-class 40
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		--num_cpu_threads_per_process $$(nproc) tdlm/fsdit/train.py configs/fsdit_demo.yaml trainer.overwrite=true
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 

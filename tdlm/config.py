@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,21 @@ _UNIT = {  # key: (low, high, high inclusive)
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check ``value`` against the annotated type; ints are accepted where floats are expected."""
+    """Check ``value`` against the annotated type; ints are accepted where floats are expected.
+
+    ``X | None`` accepts null; ``Literal[...]`` accepts one of its values (the error lists them).
+    """
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        typ = rest[0] if len(rest) == 1 else typ
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -238,21 +253,39 @@ def _get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Range and consistency checks; each failure names its dotted key."""
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(choices)}")
-    for key in _POSITIVE:
+def check_values(cfg: Any, choices: dict | None = None, positive: tuple = (), non_negative: tuple = (),
+                 unit: dict | None = None) -> None:
+    """Generic range checks by dotted key: ``choices`` {key: allowed values}, ``positive`` (> 0),
+    ``non_negative`` (>= 0), ``unit`` {key: (low, high, high inclusive)}. Raises ``ConfigError`` naming the key."""
+    for key, allowed in (choices or {}).items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
-    for key in _NON_NEGATIVE:
+    for key in non_negative:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
-    for key, (low, high, closed) in _UNIT.items():
+    for key, (low, high, closed) in (unit or {}).items():
         v = _get(cfg, key)
         if not (low <= v <= high if closed else low <= v < high):
             raise ConfigError(f"{key}: must be in [{low:g}, {high:g}{']' if closed else ')'}, got {v}")
+
+
+def check_cadences(metrics: MetricsSection, eval_every: int, eval_key: str = "trainer.eval_every_n_steps") -> None:
+    """Every tier cadence and the evaluation cadence are multiples of ``metrics.logging_steps`` (aligned panels)."""
+    for key in ("detailed_metrics_steps", "attention_analysis_steps"):
+        if getattr(metrics, key) % metrics.logging_steps:
+            raise ConfigError(f"metrics.{key}: {getattr(metrics, key)} is not a multiple of metrics.logging_steps "
+                              f"{metrics.logging_steps}; cadences must align")
+    if eval_every % metrics.logging_steps:
+        raise ConfigError(f"{eval_key}: {eval_every} is not a multiple of metrics.logging_steps "
+                          f"{metrics.logging_steps}; cadences must align")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range and consistency checks; each failure names its dotted key."""
+    check_values(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE, _UNIT)
     if not cfg.optim.eps > 0:
         raise ConfigError(f"optim.eps: must be > 0, got {cfg.optim.eps}")
     if not 0.0 <= cfg.diffusion.t_min < 1.0:
@@ -267,14 +300,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
     if not 0.0 <= cfg.trainer.ema_decay < 1.0:
         raise ConfigError(f"trainer.ema_decay: must be in [0, 1), got {cfg.trainer.ema_decay}")
-    m = cfg.metrics
-    for key in ("detailed_metrics_steps", "attention_analysis_steps"):
-        if getattr(m, key) % m.logging_steps:
-            raise ConfigError(f"metrics.{key}: {getattr(m, key)} is not a multiple of metrics.logging_steps "
-                              f"{m.logging_steps}; cadences must align")
-    if cfg.trainer.eval_every_n_steps % m.logging_steps:
-        raise ConfigError(f"trainer.eval_every_n_steps: {cfg.trainer.eval_every_n_steps} is not a multiple of "
-                          f"metrics.logging_steps {m.logging_steps}; cadences must align")
+    check_cadences(cfg.metrics, cfg.trainer.eval_every_n_steps)
     if cfg.data.source == "files" and not cfg.data.paths:
         raise ConfigError("data.paths: source=files needs at least one file")
     if cfg.data.source == "hub" and not cfg.data.hub_name:
@@ -289,8 +315,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
-    """Read a YAML file (may be None for all defaults), apply ``a.b=c`` overrides, build and validate."""
+def read_config_data(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """The raw mapping of a YAML file (None: empty) with dotted ``a.b=c`` overrides applied, before typing."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -312,7 +338,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{k}' is not a section")
         node[keys[-1]] = value
-    return validate(_build(RunConfig, data, ""))
+    return data
+
+
+def build_config(cls: type, data: dict) -> Any:
+    """A root config dataclass ``cls`` from a raw mapping: unknown keys and wrong types raise ``ConfigError``."""
+    return _build(cls, data, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Read a YAML file (may be None for all defaults), apply ``a.b=c`` overrides, build and validate."""
+    return validate(build_config(RunConfig, read_config_data(path, overrides)))
 
 
 def config_from_dict(data: dict) -> RunConfig:

@@ -83,3 +83,27 @@ def test_wrong_type_in_yaml_names_key_and_value(tmp_path):
     assert "trainer.keep_last" in err(tmp_path, "trainer:\n  keep_last: 2.5\n")
     assert "data.paths" in err(tmp_path, "data:\n  paths: a.txt\n")
     assert err(tmp_path, "trainer: 3\n").startswith("trainer: expected a mapping")
+
+
+def test_optional_and_literal_fields_through_the_generic_loader(tmp_path):
+    from dataclasses import dataclass, field
+    from typing import Literal
+
+    from tdlm.config import build_config, read_config_data
+
+    @dataclass
+    class Section:
+        path: str | None = None
+        mode: Literal["a", "b"] = "a"
+
+    @dataclass
+    class Root:
+        s: Section = field(default_factory=Section)
+
+    cfg = build_config(Root, read_config_data(None, ["s.path=null", "s.mode=b"]))
+    assert cfg.s.path is None and cfg.s.mode == "b"
+    assert build_config(Root, read_config_data(None, ["s.path=x"])).s.path == "x"
+    with pytest.raises(ConfigError, match=r"^s.mode: 'c' is not one of a, b$"):
+        build_config(Root, read_config_data(None, ["s.mode=c"]))
+    with pytest.raises(ConfigError, match=r"^s.path: expected str, got int"):
+        build_config(Root, read_config_data(None, ["s.path=3"]))

@@ -239,3 +239,25 @@ def test_vector_norm_and_sequence_diversity_known_values():
         k = u.shape[0]
         ref.append(1 - (cos.sum() - k) / (k * (k - 1)))
     assert n.item() == 2 and s.item() == pytest.approx(sum(ref).item(), rel=1e-12)
+
+
+def test_final_collector_runs_at_the_last_step_only_when_its_tier_is_off():
+    class Snapshot(Mean):
+        tier, window, final = "advanced", False, True
+        metrics = (MetricSpec("snap/mean", "1", "mean of x on the last step"),)
+
+        def compute(self):
+            return {"snap/mean": Fm.ratio(self.total, self.count)}
+
+    reg = Registry("toy", {"x": Need(("batch",), "numbers")})
+    reg.register(Snapshot)
+    for advanced, logged_at in ((False, [5]), (True, [2, 4, 5])):
+        runner = MetricRunner(reg.build({"advanced": advanced}, {}), {"advanced": 2}, last_step=5)
+        assert runner.collectors[0].final_only == (not advanced)
+        seen = []
+        for step in range(1, 6):
+            runner.update(step, batch=torch.tensor([float(step)]))
+            if runner.due(step):
+                seen += [step] if "snap/mean" in runner.compute(step) else []
+        assert seen == logged_at
+    assert Registry("toy", {"x": Need(("batch",), "")}).build({}, {}) == []

@@ -21,8 +21,11 @@ facebookresearch/DiT ``models.py``) written without timm. Differences from DiT, 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -239,8 +242,14 @@ class FSDiT(nn.Module):
         x = x.view(x.shape[0], g, g, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, g * p, g * p)
 
-    def condition(self, t: torch.Tensor, cond: torch.Tensor | None, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """c = t_emb + context_scale * y_emb, (B, D). cond None means fully unconditional (null vector)."""
+    def condition(
+        self, t: torch.Tensor, cond: torch.Tensor | None, drop: torch.Tensor | None = None, aux: dict | None = None
+    ) -> torch.Tensor:
+        """c = t_emb + context_scale * y_emb, (B, D). cond None means fully unconditional (null vector).
+
+        ``aux``, when given, receives the detached ``t_emb``, ``y_emb`` (after the CFG drop, before any LN) and
+        ``c`` (B, D) for the debug metrics; no extra computation.
+        """
         t_emb = self.t_embedder(t)  # (B, D)
         B = t_emb.shape[0]
         if cond is None:
@@ -251,9 +260,14 @@ class FSDiT(nn.Module):
                 drop = torch.rand(B, device=t_emb.device) < self.config.class_dropout
             if drop is not None:
                 y_emb = torch.where(drop.view(B, 1), self.null_y.to(y_emb.dtype), y_emb)
+        if aux is not None:
+            aux.update(t_emb=t_emb.detach(), y_emb=y_emb.detach())
         if self.config.cond_layernorm:
             t_emb, y_emb = F.layer_norm(t_emb, (t_emb.shape[-1],)), F.layer_norm(y_emb, (y_emb.shape[-1],))
-        return t_emb + self.context_scale * y_emb
+        c = t_emb + self.context_scale * y_emb
+        if aux is not None:
+            aux["c"] = c.detach()
+        return c
 
     def forward(
         self,
@@ -262,6 +276,7 @@ class FSDiT(nn.Module):
         cond: torch.Tensor | None = None,
         drop: torch.Tensor | None = None,
         return_attn: bool = False,
+        aux: dict | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Predict the velocity (B, C, H, W).
 
@@ -273,17 +288,38 @@ class FSDiT(nn.Module):
                 dropped with probability ``config.class_dropout``; in eval mode nothing is dropped.
             return_attn: also return the attention probabilities, one (B, H, N, N) fp32 tensor per block
                 (explicit softmax; slower, for diagnostics under ``torch.no_grad()``).
+            aux: optional dict that receives the detached t_emb, y_emb and c of ``condition`` (debug metrics).
         """
         B = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         t = t.expand(B) if t.dim() == 0 else t
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
-        c = self.condition(t, cond, drop)  # (B, D)
+        c = self.condition(t, cond, drop, aux)  # (B, D)
         probs: list[torch.Tensor] | None = [] if return_attn else None
         for block in self.blocks:
             h = block(h, c, probs)
         out = self.unpatchify(self.final_layer(h, c))  # (B, C, H, W)
         return (out, probs) if return_attn else out
+
+
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """``config.json`` (the FSDiTConfig fields) and ``model.safetensors``, the layout checkpoints export."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+        state = self.state_dict() if state_dict is None else state_dict
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "FSDiT":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        model = cls(FSDiTConfig(**json.loads((path / "config.json").read_text())))
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        return model
 
 
 def attention_entropy(probs: torch.Tensor) -> torch.Tensor:

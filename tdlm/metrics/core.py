@@ -84,11 +84,14 @@ class Collector:
     """True: updated on every step and reported over the tier's window. False: updated on due steps only."""
     required: ClassVar[bool] = False
     """On even when its tier is off (e.g. the loss that the NaN/Inf stop rule reads)."""
+    final: ClassVar[bool] = False
+    """When its tier is off, still built and run once, at the last step (e.g. end-of-training sample grids)."""
     sources: ClassVar[frozenset[str]] = frozenset()  # filled in by Registry.register
 
     def __init__(self, **context: Any):
         self._defaults: dict[str, torch.Tensor] = {}
         self._reduce: dict[str, str | None] = {}
+        self.final_only = False  # set by Registry.build: on only because of ``final``, so due at the last step only
 
     @classmethod
     def applies(cls, context: Mapping[str, Any]) -> bool:
@@ -186,8 +189,14 @@ class Registry:
         return [s for c in self.collectors for s in c.metrics] + [s for _, _, s in self.external]
 
     def build(self, enabled: Mapping[str, bool], context: Mapping[str, Any]) -> list[Collector]:
-        return [cls(**context) for cls in self.collectors
-                if (enabled.get(cls.tier, False) or cls.required) and cls.applies(context)]
+        out = []
+        for cls in self.collectors:
+            on = enabled.get(cls.tier, False) or cls.required
+            if (on or cls.final) and cls.applies(context):
+                collector = cls(**context)
+                collector.final_only = not on
+                out.append(collector)
+        return out
 
 
 def tier_cadences(metrics_cfg) -> dict[str, int]:
@@ -246,20 +255,25 @@ class MetricRunner:
 
     def due(self, step: int, tier: str | None = None) -> bool:
         """A tier reports on multiples of its cadence and on the last step; ``tier=None``: any enabled tier."""
-        tiers = [tier] if tier else {c.tier for c in self.collectors}
-        return any(step % self.cadences[t] == 0 or step == self.last_step for t in tiers)
+        tiers = [tier] if tier else {c.tier for c in self.collectors if not c.final_only}
+        if any(step % self.cadences[t] == 0 or step == self.last_step for t in tiers):
+            return True
+        return tier is None and step == self.last_step and any(c.final_only for c in self.collectors)
+
+    def _due(self, c: Collector, step: int) -> bool:
+        return step == self.last_step if c.final_only else self.due(step, c.tier)
 
     def update(self, step: int, /, **sources: Any) -> None:
         """Feed one call's sources (``batch=``, ``model=``, ``step=``...) to every collector they satisfy."""
         inputs = Inputs(step, sources)
         for c in self.collectors:
-            if c.sources <= inputs.keys() and (c.window or self.due(step, c.tier)):
+            if c.sources <= inputs.keys() and (c.window or self._due(c, step)):
                 c.update(inputs)
 
     def compute(self, step: int) -> dict[str, float]:
         """Sync, compute and reset the collectors whose tier is due at ``step``; scalars come back as floats,
         all in one device-to-host transfer."""
-        due = [c for c in self.collectors if self.due(step, c.tier)]
+        due = [c for c in self.collectors if self._due(c, step)]
         sync_states(due)
         values: dict[str, Any] = {}
         for c in due:

@@ -41,6 +41,7 @@ def render(registry: Registry, rules, title: str, intro: str) -> str:
         for cls in (c for c in registry.collectors if c.tier == tier):
             when = "every step, reported over the window" if cls.window else "due steps only"
             extra = "; always on" if cls.required else ""
+            extra += "; with its tier off, still runs once at the last step" if cls.final else ""
             out += ["", f"### {cls.__name__}", "",
                     f"Needs: {', '.join(f'`{n}`' for n in cls.needs)}. Updated: {when}{extra}.", "",
                     _paragraph(cls.__doc__), "", "| metric | unit | description |", "|---|---|---|"]

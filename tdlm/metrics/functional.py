@@ -118,3 +118,41 @@ def sequence_diversity_sums(h: torch.Tensor, valid: torch.Tensor | None) -> tupl
     mean_cos = (s.pow(2).sum(-1) - n) / (n * (n - 1)).clamp_min(1)
     ok = (n >= 2).double()
     return ((1 - mean_cos) * ok).sum(), ok.sum()
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def time_bin_sums(values: torch.Tensor, t: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K,) float64 sums of ``values`` (B,) by the bin of their t (B,) in [0, 1], and (K,) counts.
+
+    Bin k holds t in [k/K, (k+1)/K); t = 1 goes to the last bin. ``index_add_`` on the device, no host sync.
+    """
+    idx = (t.detach() * num_bins).long().clamp_(0, num_bins - 1)
+    sums = torch.zeros(num_bins, dtype=torch.float64, device=values.device)
+    counts = torch.zeros(num_bins, dtype=torch.float64, device=values.device)
+    sums.index_add_(0, idx, values.detach().double())
+    counts.index_add_(0, idx, torch.ones_like(values, dtype=torch.float64))
+    return sums, counts
+
+
+def pair_cosines(e: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity of every unordered pair i < j of the rows of ``e`` (B, D), and whether the pair shares a
+    label: two (B(B-1)/2,) tensors, float64 and bool."""
+    u = F.normalize(e.detach().double(), dim=-1)
+    i, j = torch.triu_indices(len(e), len(e), offset=1, device=e.device)
+    return (u[i] * u[j]).sum(-1), labels[i] == labels[j]
+
+
+def pairwise_mse(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of every unordered pair of the K samples x (K, ...): (K(K-1)/2,) float64."""
+    flat = x.detach().double().flatten(1)
+    i, j = torch.triu_indices(len(flat), len(flat), offset=1, device=x.device)
+    return (flat[i] - flat[j]).pow(2).mean(-1)
+
+
+def attention_entropy_by_head(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H,) float64 sums over batch and queries of the entropy −Σ_k p log p (nats) of each head's rows, and the
+    number of rows per head (B·N_q). probs: (B, H, N_q, N_k)."""
+    p = probs.double()
+    ent = -torch.special.xlogy(p, p).sum(-1)  # (B, H, Nq)
+    n = torch.full((p.shape[1],), float(p.shape[0] * p.shape[2]), dtype=torch.float64, device=p.device)
+    return ent.sum((0, 2)), n

@@ -94,3 +94,9 @@ class HealthMonitor:
                 fired.append((r, f"health/{r.name} at step {step}: {r.description} ({shown}"
                                  f"{'; ' + limits if limits else ''})"))
         return flags, fired
+
+
+def nonfinite_rule(metric: str = "train/loss") -> Rule:
+    """The stop rule every trainer has: the logged training loss is NaN or ±Inf."""
+    return Rule("nonfinite_loss", "training loss is NaN or Inf; stopping", (metric,), f"{metric} is NaN or ±Inf",
+                lambda v, p: not math.isfinite(v[metric]), stop=True, finite_only=False)

@@ -1,6 +1,7 @@
 """Where logged metrics go: the local JSONL file (always), wandb (online or offline) and the console.
 
-Each sink has ``log(metrics: dict, step: int)`` and ``close()``; only the main process creates sinks.
+Each sink has ``log(metrics: dict, step: int)`` and ``close()``; only the main process creates sinks. Media values
+(``tdlm.metrics.media``) are written as JSON histograms and PNG files, or as wandb media.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import math
 import os
 import sys
 from pathlib import Path
+
+from tdlm.metrics.media import Histogram, Image
 
 
 def _jsonable(v):
@@ -34,16 +37,40 @@ class JsonlSink:
         self.f = open(self.path, "a")
 
     def log(self, metrics: dict, step: int) -> None:
-        rec = {"step": step, **{k: _jsonable(v) for k, v in metrics.items() if not _is_media(v)}}
+        rec = {"step": step}
+        for k, v in metrics.items():
+            if isinstance(v, Histogram):
+                rec[k] = v.to_json()
+            elif isinstance(v, Image):
+                rec[k] = self._save_image(k, v, step)
+            elif not _is_media(v):
+                rec[k] = _jsonable(v)
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
+
+    def _save_image(self, key: str, image: Image, step: int) -> str:
+        """PNG beside the JSONL file, ``media/<key with / as _>_step<N>.png``; returns its relative path."""
+        rel = Path("media") / f"{key.replace('/', '_')}_step{step:07d}.png"
+        (self.path.parent / rel).parent.mkdir(parents=True, exist_ok=True)
+        image.save_png(self.path.parent / rel)
+        return str(rel)
 
     def close(self) -> None:
         self.f.close()
 
 
 def _is_media(v) -> bool:
-    return type(v).__module__.startswith("wandb")
+    return isinstance(v, (Histogram, Image)) or type(v).__module__.startswith("wandb")
+
+
+def _to_wandb(v):
+    import wandb
+
+    if isinstance(v, Histogram):
+        return wandb.Histogram(np_histogram=(list(v.counts), list(v.edges)))
+    if isinstance(v, Image):
+        return wandb.Image(v.pixels, caption=v.caption or None)
+    return _jsonable(v)
 
 
 def wandb_mode(requested: str) -> str:
@@ -109,7 +136,7 @@ class WandbSink:
         self.id = self.run.id
 
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log({"trainer/global_step": step, **{k: _jsonable(v) for k, v in metrics.items()}})
+        self.run.log({"trainer/global_step": step, **{k: _to_wandb(v) for k, v in metrics.items()}})
 
     def close(self) -> None:
         self.run.finish()

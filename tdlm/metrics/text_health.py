@@ -7,10 +7,8 @@ The rules are the TDLM guide's warning signs as data (``Rule`` rows; thresholds 
 
 from __future__ import annotations
 
-import math
-
 from tdlm.metrics.core import TIERS, MetricRunner, tier_cadences
-from tdlm.metrics.health import HealthMonitor, Rule
+from tdlm.metrics.health import HealthMonitor, Rule, nonfinite_rule
 from tdlm.metrics.text import BUCKETS, TEXT
 
 
@@ -19,8 +17,7 @@ def _buckets(kind: str) -> tuple[str, ...]:
 
 
 TEXT_RULES = (
-    Rule("nonfinite_loss", "training loss is NaN or Inf; stopping", ("train/loss",), "train/loss is NaN or ±Inf",
-         lambda v, p: not math.isfinite(v["train/loss"]), stop=True, finite_only=False),
+    nonfinite_rule("train/loss"),
     Rule("mask_accuracy_low", "mask accuracy below the floor after warm-up", ("metrics/mask_accuracy",),
          "metrics/mask_accuracy < min", lambda v, p: v["metrics/mask_accuracy"] < p["min"], {"min": 0.4},
          warmup=True),

@@ -102,7 +102,8 @@ def test_t_bin_index_edges_and_uniform_occupancy():
 def test_euler_lands_exactly_on_a_single_data_point():
     # Data = one point x*: the marginal velocity (x* - x)/(1 - t) is constant (= x* - eps) along the trajectory,
     # so Euler is exact for any number of steps.
-    x_star, eps = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x_star, eps = (torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g) for _ in range(2))
     field = lambda x, t: (x_star - x) / (1 - t.view(-1, 1, 1, 1).double())  # noqa: E731
     for steps in (1, 3, 50):
         assert torch.allclose(euler_integrate(field, eps, steps), x_star, atol=1e-10)
@@ -218,3 +219,14 @@ def test_a_cpu_generator_works_for_any_target_device():
     assert t.device.type == "meta" and t.shape == (4,)
     a = sample_t(4, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, torch.rand(4, generator=torch.Generator().manual_seed(0)))
+
+
+def test_stratified_t_hits_every_stratum_once_with_the_same_marginal():
+    g = torch.Generator().manual_seed(0)
+    for dist in ("uniform", "logit_normal"):
+        t = sample_t(20, dist, generator=g, stratified=True)
+        u = t if dist == "uniform" else torch.special.ndtr(torch.logit(t.double()))  # back to the uniform scale
+        assert sorted((u * 20).long().tolist()) == list(range(20)) and 0 <= t.min() and t.max() < 1
+    many = torch.cat([sample_t(10, generator=g, stratified=True) for _ in range(5000)])
+    assert float(many.mean()) == pytest.approx(0.5, abs=0.003) and float(many.var()) == pytest.approx(1 / 12, abs=0.002)
+    assert torch.bincount(t_bin_index(sample_t(10, generator=g, stratified=True)), minlength=10).tolist() == [1] * 10

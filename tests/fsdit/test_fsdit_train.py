@@ -1,0 +1,282 @@
+"""The FSDiT trainer end to end on the generated dataset: every metric of the three metric guides present and
+finite with every tier on, expensive inputs only on due steps, exact resume, the VAE and online-SigLIP switches,
+and one-line configuration errors that name the key."""
+
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tdlm.config import ConfigError
+from tdlm.fsdit import flow
+from tdlm.fsdit.config import load_fsdit_config
+from tdlm.fsdit.data import make_synthetic_cifar
+from tdlm.fsdit.model import FSDiT
+from tdlm.fsdit.train import Trainer, main
+from tdlm.metrics.image import IMAGE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The metric names of the three FSDiT metric guides (seeds 000, 001, 002), written out so that the contract
+# cannot shrink with the registry. Families are expanded for depth 2, 2 heads, 10 t-bins and cfg_scale 2.
+DEPTH, HEADS, BINS, CFG = 2, 2, 10, "2"
+SEED_000 = [
+    "train/loss", "train/loss_ema", "train/grad_norm", "train/param_norm", "train/lr", "train/step_time",
+    *(f"train/loss_tbin_{i}" for i in range(BINS)),
+    "val/loss", "val/train_val_gap", *(f"val/loss_tbin_{i}" for i in range(BINS)),
+    "cond/support_pooled_abs_mean", "cond/support_pooled_l2_mean", "cond/support_pooled_dim_std_mean",
+    "cond/same_class_pair_ratio", "cond/same_class_cos_mean", "cond/diff_class_cos_mean",
+    "cond/same_class_cos_std", "cond/diff_class_cos_std",
+    "cond/support_pooled_hist", "cond/same_class_cos_hist", "cond/diff_class_cos_hist",
+    "dbg/t_emb_abs_mean", "dbg/y_emb_abs_mean", "dbg/c_abs_mean", "dbg/c_l2_mean",
+    "dbg/support_pooled_abs_mean_model", "dbg/support_pooled_l2_mean_model",
+    *(f"act/layer{i}_{k}" for i in range(DEPTH) for k in ("abs_mean", "rms")),
+    *(f"attn/entropy_layer{i}" for i in range(DEPTH)), *(f"attn/entropy_head{h}_last" for h in range(HEADS)),
+    "perf/data_time", "perf/siglip_encode_time", "perf/vae_time", "perf/train_step_time", "perf/total_iter_time",
+    "perf/siglip_cache_hit_rate", "perf/siglip_cache_items",
+    "samples/cfg_1", f"samples/cfg_{CFG}", "samples/uncond",
+]
+SEED_001 = [
+    "grad/encoder_raw_norm", "grad/dit_raw_norm", "grad/encoder_update_norm", "grad/dit_update_norm",
+    "grad/encoder_effective_step", "grad/dit_effective_step", "ctx/c_norm_t_emb_ratio", "ctx/context_norm_std",
+    "ctx/context_scale_mean", "ctx/context_scale_std", "ctx/context_scale_min", "ctx/context_scale_max",
+]
+SEED_002 = [
+    "diffusion/t_mean", "diffusion/cos_eps_mean", "latent/z_std",
+    *(f"sample_diversity/pairwise_mse_{k}" for k in ("mean", "std", "min", "max")),
+    *(f"final_sample_stats/{k}" for k in ("mean", "std", "min", "max")),
+]
+HISTOGRAMS = {"cond/support_pooled_hist", "cond/same_class_cos_hist", "cond/diff_class_cos_hist"}
+IMAGES = {"samples/cfg_1", f"samples/cfg_{CFG}", "samples/uncond"}
+
+
+def registry_names() -> set[str]:
+    """Every name the registry declares, families expanded as the seeds' list is."""
+    out = set()
+    for spec in IMAGE.specs():
+        n = spec.name
+        if "{i}" in n:
+            out |= {n.replace("{i}", str(i)) for i in range(BINS if "tbin" in n else DEPTH)}
+        elif "{h}" in n:
+            out |= {n.replace("{h}", str(h)) for h in range(HEADS)}
+        else:
+            out.add(n.replace("{s}", CFG))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdit_data")
+    make_synthetic_cifar(root, num_classes=10, per_class=10, seed=0)  # 12 images per class: 6/2/2 classes
+    return root
+
+
+def overrides(tmp_path, data_root, **extra):
+    base = {
+        "model.patch_size": 8, "model.hidden_size": 24, "model.depth": DEPTH, "model.num_heads": HEADS,
+        "model.mlp_ratio": 2.0, "data.root": str(data_root), "data.support_size": 3, "siglip.tiny": True,
+        "siglip.tiny_image_size": 8, "siglip.cache_dir": str(tmp_path / "cache"), "sample.steps": 2,
+        "sample.num_sets": 2, "sample.per_set": 2, "sample.cfg_scale": 2.0, "optim.lr": 1e-3,
+        "optim.warmup_steps": 1, "trainer.output_dir": str(tmp_path / "runs"), "trainer.run_name": "t",
+        "trainer.max_steps": 4, "trainer.batch_size": 10, "trainer.eval_every_n_steps": 2, "trainer.val_size": 10,
+        "trainer.save_every_n_steps": 4, "trainer.ema_decay": 0.9, "trainer.progress_bar": False,
+        "metrics.console": False, "metrics.logging_steps": 2, "metrics.detailed_metrics_steps": 2,
+        "metrics.attention_analysis_steps": 4, "wandb.enabled": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run(ov, stop_at=None):
+    trainer = Trainer(load_fsdit_config(None, ov))
+    try:
+        trainer.train(stop_at)
+    finally:
+        trainer.close()
+    recs = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return trainer, {r["step"]: r for r in recs}
+
+
+def test_every_seed_metric_is_logged_and_finite_with_every_tier(tmp_path, data_root, monkeypatch):
+    calls = {"probe": 0, "sample": 0}
+    real_forward, real_sample = FSDiT.forward, flow.sample
+
+    def forward(self, *a, return_attn=False, **kw):
+        calls["probe"] += bool(return_attn)
+        return real_forward(self, *a, return_attn=return_attn, **kw)
+
+    def sample(*a, **kw):
+        calls["sample"] += 1
+        return real_sample(*a, **kw)
+    monkeypatch.setattr(FSDiT, "forward", forward)
+    monkeypatch.setattr(flow, "sample", sample)
+    on = {f"metrics.tiers.{t}.enabled": True for t in ("research", "advanced")}
+    trainer, logs = run(overrides(tmp_path, data_root, **on))
+    assert calls == {"probe": 1, "sample": 3}  # step 4 only: one diagnostic forward, cfg_1 / cfg_2 / uncond
+    contract = set(SEED_000) | set(SEED_001) | set(SEED_002)
+    names = registry_names()
+    assert contract <= names, sorted(contract - names)
+    last = logs[4]
+    for name in names | contract:
+        assert name in last, name
+        value = last[name]
+        if name in HISTOGRAMS:
+            assert sum(value["counts"]) > 0 and len(value["edges"]) == len(value["counts"]) + 1, name
+        elif name in IMAGES:
+            assert (trainer.run_dir / value).read_bytes()[:4] == b"\x89PNG", name
+        else:
+            assert isinstance(value, float) and math.isfinite(value), (name, value)
+    assert not any(k.startswith(("act/", "attn/", "samples/")) for k in logs[2])  # advanced: step 4 only
+    assert "grad/dit_raw_norm" in logs[2] and "val/loss" in logs[2]
+    assert last["perf/vae_time"] == 0.0 and last["perf/siglip_cache_hit_rate"] == 1.0
+    assert last["grad/dit_effective_step"] == pytest.approx(last["grad/dit_raw_norm"] * last["train/lr"])
+    ckpt = trainer.ckpt_root / "step_0000004"
+    assert (ckpt / "model" / "config.json").is_file()
+    ema = FSDiT.from_pretrained(ckpt / "model")  # the exported weights are the EMA ones
+    assert ema.config.depth == DEPTH and ema.config.cond_dim == 32
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_root):
+    # 72 training episodes at batch 16: 4 steps per epoch, so the resumed run also crosses an epoch boundary
+    common = {"trainer.max_steps": 6, "trainer.batch_size": 16, "trainer.save_every_n_steps": 3,
+              "trainer.eval_every_n_steps": 3, "metrics.logging_steps": 1, "metrics.detailed_metrics_steps": 3,
+              "metrics.attention_analysis_steps": 3, "metrics.tiers.research.enabled": True}
+    _, full = run(overrides(tmp_path, data_root, **common, **{"trainer.run_name": "full"}))
+    run(overrides(tmp_path, data_root, **common, **{"trainer.run_name": "cut"}), stop_at=3)
+    _, resumed = run(overrides(tmp_path, data_root, **common, **{"trainer.run_name": "cut",
+                                                                  "trainer.resume": "auto"}))
+    assert sorted(resumed) == sorted(full) == list(range(1, 7))
+    for key in ("train/loss", "train/loss_ema", "val/loss", "val/loss_ema", "train/grad_norm", "diffusion/t_mean",
+                "grad/dit_update_norm", "sample_diversity/pairwise_mse_mean"):
+        for step in (4, 5, 6):
+            if key in full[step]:
+                assert resumed[step][key] == full[step][key], (key, step)
+    # the advanced tier is off: the sample grids come once, at the last step
+    assert "samples/cfg_1" in full[6] and not any("samples/cfg_1" in full[s] for s in range(1, 6))
+    assert full[6]["val/loss"] < full[3]["val/loss"] or full[6]["train/loss"] < full[1]["train/loss"]
+
+
+class TinyAutoencoderKL(nn.Module):
+    """Stands in for diffusers.AutoencoderKL (not installed): 2x down to 4 channels and back."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.dec = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 3, 1)
+
+    @classmethod
+    def from_pretrained(cls, path, local_files_only=False):
+        assert local_files_only and (Path(path) / "config.json").is_file()
+        return cls()
+
+    def encode(self, x):
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=self.enc(F.avg_pool2d(x, 2))))
+
+    def decode(self, z):
+        return types.SimpleNamespace(sample=self.dec(F.interpolate(z, scale_factor=2)))
+
+
+def test_vae_switch_and_online_siglip_cache(tmp_path, data_root, monkeypatch):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "diffusers", types.SimpleNamespace(AutoencoderKL=TinyAutoencoderKL))
+    trainer, logs = run(overrides(tmp_path, data_root, **{
+        "model.use_vae": True, "model.vae_path": str(tmp_path / "vae"), "model.vae_scale": 1.0,
+        "model.patch_size": 4, "siglip.mode": "online", "siglip.cache_size": 20, "trainer.max_steps": 2,
+        "metrics.attention_analysis_steps": 2}))
+    assert trainer.x_shape == (4, 16, 16)
+    last = logs[2]
+    assert last["perf/vae_time"] > 0 and math.isfinite(last["latent/z_std"])
+    assert 0 < last["perf/siglip_cache_hit_rate"] < 1 and last["perf/siglip_cache_items"] == 20
+    grid = trainer.run_dir / last["samples/cfg_1"]
+    from PIL import Image
+    assert Image.open(grid).size == (2 + 5 * 34, 2 + 2 * 34)  # decoded to 32 px: 3 supports + 2 samples
+
+
+def test_configuration_errors_name_the_key(tmp_path, data_root, monkeypatch, capsys):
+    def err(**extra):
+        with pytest.raises(ConfigError) as e:
+            Trainer(load_fsdit_config(None, overrides(tmp_path, data_root, **extra)))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert err(**{"siglip.tiny": False}).startswith("siglip.path: not set")
+    assert err(**{"siglip.tiny": False, "siglip.path": str(tmp_path / "nope")}).startswith("siglip.path: no SigLIP")
+    assert err(**{"data.root": str(tmp_path / "none")}).startswith("data.root: no CIFAR-100")
+    assert err(**{"model.use_vae": True}).startswith("model.use_vae: true needs model.vae_path")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # not installed: import fails
+    assert err(**{"model.use_vae": True, "model.vae_path": str(tmp_path / "vae")}).startswith(
+        "model.use_vae: needs the diffusers package")
+    assert err(**{"data.support_size": 12}).startswith("data.support_size=12: class")
+    assert "model.hidden_size" in err(**{"model.hidden_sise": 3}) and "model.hidden_sise" in err(
+        **{"model.hidden_sise": 3})
+    assert err(**{"flow.t_dist": "beta"}).startswith("flow.t_dist: 'beta' is not one of uniform, logit_normal")
+    assert err(**{"data.class_split": "[0.5, 0.6, 0.1]"}).startswith("data.class_split")
+    assert err(**{"sample.per_set": 1}).startswith("sample.per_set")
+    assert err(**{"trainer.ema_decay": 1.0}).startswith("trainer.ema_decay")
+    assert err(**{"model.num_heads": 5}).startswith("model.num_heads")
+    assert err(**{"metrics.attention_analysis_steps": 3}).startswith(
+        "metrics.attention_analysis_steps: 3 is not a multiple of metrics.logging_steps 2")
+    assert err(**{"trainer.eval_every_n_steps": 3}).startswith("trainer.eval_every_n_steps")
+    # the command line: exit code 2 and one line
+    capsys.readouterr()
+    assert main([str(tmp_path / "missing.yaml")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: config file not found")
+
+
+def test_an_existing_run_is_not_overwritten(tmp_path, data_root):
+    _, logs = run(overrides(tmp_path, data_root, **{"trainer.max_steps": 2, "trainer.save_every_n_steps": 2,
+                                                     "sample.num_sets": 0}))
+    assert not any(k.startswith("samples/") for k in logs[2])  # sample.num_sets = 0: no sampling at all
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(load_fsdit_config(None, overrides(tmp_path, data_root)))
+    with pytest.raises(ConfigError, match="model.hidden_size: 48 differs from the checkpoint's 24"):
+        Trainer(load_fsdit_config(None, overrides(tmp_path, data_root, **{"trainer.resume": "auto",
+                                                                           "model.hidden_size": 48})))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_over_the_same_global_batch(tmp_path, data_root):
+    """DDP over gloo, 2 x 5 episodes per step vs 1 x 10: noise, t and CFG drop are drawn for the global batch,
+    losses and metric states are sums, so every metric agrees; only the cosine pairs differ (they are taken
+    within each process's micro-batch), and timings."""
+    import os
+    import signal
+    import subprocess
+
+    on = {f"metrics.tiers.{t}.enabled": True for t in ("research", "advanced")}
+    _, ref = run(overrides(tmp_path, data_root, **on, **{"trainer.run_name": "one"}))
+    root, empty = Path(__file__).resolve().parents[2], tmp_path / "defaults.yaml"
+    empty.write_text("{}\n")  # all defaults, as the in-process run
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(root / "configs" / "accelerate" / "multi_cpu.yaml"), "--num_processes", "2",
+           "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", str(root / "tdlm" / "fsdit" / "train.py"),
+           str(empty), *overrides(tmp_path, data_root, **on, **{"trainer.run_name": "two", "trainer.batch_size": 5})]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    got = {json.loads(x)["step"]: json.loads(x) for x in (tmp_path / "runs" / "two" / "metrics.jsonl")
+           .read_text().splitlines()}
+    compared = 0
+    for step, rec in ref.items():
+        for key, value in rec.items():
+            if not isinstance(value, float) or "time" in key or key.startswith(("cond/same", "cond/diff")):
+                continue
+            assert got[step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+            compared += 1
+    assert compared > 130  # 140: every scalar of steps 2 and 4 but timings and cosine pairs
