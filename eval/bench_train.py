@@ -86,8 +86,10 @@ class FullHead(nn.Module):
         super().__init__()
         self.inner = model
 
-    def forward(self, input_ids, attention_mask=None, logits_mask=None):
+    def forward(self, input_ids, attention_mask=None, logits_mask=None, logits_index=None):
         logits = self.inner(input_ids, attention_mask)
+        if logits_index is not None:
+            return logits.flatten(0, 1).index_select(0, logits_index)
         return logits[logits_mask] if logits_mask is not None else logits
 
 
