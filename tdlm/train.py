@@ -120,6 +120,9 @@ def make_accelerator(cfg: RunConfig):
         raise ConfigError(f"launch: {world} processes were started but they formed a group of {acc.num_processes}; "
                           f"use a config from configs/accelerate/ (see README, Distributed)")
     if acc.distributed_type == DistributedType.DEEPSPEED:
+        if cfg.trainer.compile:
+            raise ConfigError("trainer.compile: not supported with DeepSpeed (its engine wraps the model); set it "
+                              "to false")
         _match_deepspeed_config(acc.state.deepspeed_plugin, cfg)
     return acc
 
@@ -211,6 +214,15 @@ class Trainer:
                                              shuffle=False, collate_fn=collate, pin_memory=acc.device.type == "cuda")
         self.model, self.optimizer, self.train_dl, self.val_dl = acc.prepare(self.model, optimizer, train_dl, val_dl)
         acc.register_for_checkpointing(self.scheduler)
+        # The compiled module shares the parameters; evaluation, metrics' extra passes and sampling use the plain
+        # one (other shapes and flags would each cost a recompile), checkpoints save the plain one (same keys).
+        self.train_model = self.model
+        if cfg.trainer.compile:
+            if cfg.metrics.tiers.research.enabled:
+                # its per-bucket gradients are extra backward passes through the retained graph, which a compiled
+                # backward that donates (reuses) its saved buffers refuses
+                torch._functorch.config.donated_buffer = False
+            self.train_model = torch.compile(self.model)
         self.ema = None
         if cfg.trainer.ema_decay > 0:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -414,7 +426,7 @@ class Trainer:
             for m, batch in enumerate(batches):
                 rows = self._rows(m)
                 with acc.accumulate(model):
-                    out = self.compute_loss(batch, t_all[rows], u_all[rows])
+                    out = self.compute_loss(batch, t_all[rows], u_all[rows], model=self.train_model)
                     self.metrics.update(step, batch=out, model=raw_model)  # before backward: may reuse the graph
                     # x world: DDP averages gradients over processes; x accum: accelerate divides by accum.
                     acc.backward(out.loss_sum * (world * accum) / n_global)
@@ -578,7 +590,7 @@ class Trainer:
             acc.free_memory()  # DeepSpeed's engine.destroy() needs the process group that end_training() destroys
         acc.end_training()
         # Two-process gloo runs abort at exit about 1 in 6 unless the prepared objects are dropped first.
-        del self.model, self.optimizer, self.train_dl, self.val_dl
+        del self.model, self.train_model, self.optimizer, self.train_dl, self.val_dl
         self.__dict__.pop("_iter", None)
         acc.free_memory()
         gc.collect()
