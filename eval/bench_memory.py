@@ -9,7 +9,7 @@ which also reports its RSS right after imports and after building the model, to 
 memory does not depend on the machine's load, so unlike the throughput benchmarks these need no interleaving;
 the ratio is tdlm / BERT at the same shape, batch and optimizer (fused AdamW, fp32).
 
-Step: 12 layers x 768, 12 heads, vocab 50304 (tied), L=1024 (eval/bench_train.py's gpu125m shape, fp32 on CPU),
+Step: 12 layers x 768, 12 heads, vocab 50304 (tied), L=1024 (eval/bench_train.py's gpu-125m shape, fp32 on CPU),
 ``--steps`` optimizer steps (the first allocates AdamW's state). Demo: ``tdlm/train.py configs/quickstart.yaml``
 with ``trainer.max_steps=--demo-steps`` (30 by default; the run ends with an evaluation, a save and 3 samples as
 the 600-step demo does), wandb off, into a temporary directory; data preparation happens in the same process

@@ -52,3 +52,24 @@ def test_bench_sampling_says_what_it_needs_or_runs():
     res = out["results"]["batch_1"]
     assert res["identical_samples"]
     assert res["ancestral_1000_cached"]["network_calls"] <= 8 < res["ancestral_1000_uncached"]["network_calls"]
+
+
+def test_gpu_preset_arguments_and_shape(capsys):
+    """The GPU path (not run here without CUDA): its preset's arguments, and models of 125M parameters, built
+    on the meta device (no memory, no GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench_train.parse(["--preset", "gpu-125m"])
+        assert "needs CUDA" in capsys.readouterr().err
+    a = bench_train.parse(["--preset", "cpu", "--layers", "12", "--hidden", "768", "--heads", "12", "--vocab",
+                           "50304", "--seq-len", "1024"])
+    assert {k: getattr(a, k) for k in ("layers", "hidden", "heads", "vocab", "seq_len", "batch")} == \
+        {k: v for k, v in bench_train.PRESETS["gpu-125m"].items() if k not in ("rounds", "warmup")}
+    with torch.device("meta"):
+        tdlm, bert = bench_train.build_tdlm(a), bench_train.build_bert(a)
+    n_tdlm = sum(p.numel() for p in tdlm.parameters())
+    assert 120e6 < n_tdlm < 130e6 and 120e6 < sum(p.numel() for p in bert.parameters()) < 130e6
+    model_f, exec_f = bench_train.step_flops(bench_train.matmul_params(tdlm), a, 0.5, head_everywhere=False)
+    assert model_f > exec_f > 0.8 * model_f
