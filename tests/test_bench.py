@@ -20,6 +20,16 @@ def test_interleaved_rotates_order_and_times_every_arm():
     assert {k: len(v) for k, v in res["seconds"].items()} == {"a": 3, "b": 3}
     r = bench_common.ratio({"slow": [2.0, 4.0, 2.0], "fast": [1.0, 1.0, 1.0]}, "slow", "fast")
     assert r == {"of_medians": 2.0, "median_of_rounds": 2.0}
+    assert {k: len(v) for k, v in res["cpu_shares"].items()} == {"a": 3, "b": 3}
+
+
+def test_uncontended_drops_starved_repetitions_and_keeps_rounds_aligned():
+    timing = {"seconds": {"a": [1.0, 5.0, 1.2, 1.1], "b": [2.0, 2.1, 9.0, 2.2]},
+              "cpu_shares": {"a": [0.99, 0.3, 0.95, 0.97], "b": [0.98, 0.97, 0.2, 0.99]}}
+    sec, kept = bench_common.uncontended(timing, 0.85)
+    assert sec == {"a": [1.0, None, 1.2, 1.1], "b": [2.0, 2.1, None, 2.2]} and kept == {"a": 3, "b": 3}
+    assert bench_common.ratio(sec, "b", "a") == {"of_medians": round(2.1 / 1.1, 3), "median_of_rounds": 2.0}
+    assert bench_common.uncontended(timing, 0.85, min_kept=4)[1] == {"a": 4, "b": 4}  # too few: all kept
 
 
 def test_bench_train_tiny_with_ablations():
@@ -52,6 +62,7 @@ def test_bench_sampling_says_what_it_needs_or_runs():
     res = out["results"]["batch_1"]
     assert res["identical_samples"]
     assert res["ancestral_1000_cached"]["network_calls"] <= 8 < res["ancestral_1000_uncached"]["network_calls"]
+    assert res["ancestral_1000_cached"]["rows_computed"] <= 8
 
 
 def test_gpu_preset_arguments_and_shape(capsys):
