@@ -34,7 +34,8 @@ def test_uncontended_drops_starved_repetitions_and_keeps_rounds_aligned():
 
 def test_bench_train_tiny_with_ablations():
     a = bench_train.parse(["--preset", "cpu", "--layers", "1", "--hidden", "48", "--heads", "2", "--vocab", "64",
-                           "--seq-len", "16", "--batch", "2", "--rounds", "2", "--warmup", "1", "--ablations"])
+                           "--seq-len", "16", "--batch", "2", "--rounds", "2", "--warmup", "1", "--ablations",
+                           "--threads", "1"])
     out = bench_train.run(a)
     arms = out["arms"]
     assert {"tdlm", "bert", "tdlm_full_head", "tdlm_forloop_adamw", "tdlm_mkl_gemm", "bert_onednn_gemm"} <= set(arms)
@@ -57,8 +58,8 @@ def test_step_flops_counts_the_head_at_masked_positions_only():
 def test_bench_sampling_says_what_it_needs_or_runs():
     import bench_sampling
 
-    out = bench_sampling.run(bench_sampling.parse(["--batch", "1", "--rounds", "1", "--layers", "1", "--hidden",
-                                                   "32", "--heads", "2", "--vocab", "64", "--seq-len", "8"]))
+    out = bench_sampling.run(bench_sampling.parse(["--batch", "1", "--rounds", "1", "--threads", "1", "--layers", "1",
+                                                   "--hidden", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8"]))
     res = out["results"]["batch_1"]
     assert res["identical_samples"]
     assert res["ancestral_1000_cached"]["network_calls"] <= 8 < res["ancestral_1000_uncached"]["network_calls"]
