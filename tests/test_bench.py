@@ -58,8 +58,9 @@ def test_step_flops_counts_the_head_at_masked_positions_only():
 def test_bench_sampling_says_what_it_needs_or_runs():
     import bench_sampling
 
-    out = bench_sampling.run(bench_sampling.parse(["--batch", "1", "--rounds", "1", "--threads", "1", "--layers", "1",
-                                                   "--hidden", "32", "--heads", "2", "--vocab", "64", "--seq-len", "8"]))
+    out = bench_sampling.run(bench_sampling.parse(["--batch", "1", "--rounds", "1", "--threads", "1", "--layers",
+                                                   "1", "--hidden", "32", "--heads", "2", "--vocab", "64", "--seq-len",
+                                                   "8"]))
     res = out["results"]["batch_1"]
     assert res["identical_samples"]
     assert res["ancestral_1000_cached"]["network_calls"] <= 8 < res["ancestral_1000_uncached"]["network_calls"]
