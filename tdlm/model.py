@@ -79,16 +79,7 @@ def _onednn_mm_setup(ctx, inputs, output):
 def _onednn_mm_backward(ctx, grad):
     x, w = ctx.saved_tensors
     grad_x = onednn_mm(grad, w.t()) if ctx.needs_input_grad[0] else None  # (M, N) @ (N, K)
-    grad_w = None
-    if ctx.needs_input_grad[1]:
-        # oneDNN wants its left operand contiguous, so one of grad.T (M x N) or x.T (M x K) is copied; a
-        # transposing copy is slow, so copy the smaller: for N > K (QKV, gate/up, the LM head) compute
-        # grad_w.T = x.T @ grad and transpose the (N x K, weight-sized) result instead. The LM head's weight
-        # gradient took 32 -> 19 ms this way (eval/bench_train.py shapes, 2 threads).
-        if grad.shape[1] > x.shape[1]:
-            grad_w = onednn_mm(x.t(), grad.t()).t().contiguous()  # ((K, M) @ (M, N)).T
-        else:
-            grad_w = onednn_mm(grad.t(), x.t())  # (N, M) @ (M, K)
+    grad_w = onednn_mm(grad.t(), x.t()) if ctx.needs_input_grad[1] else None  # (N, M) @ (M, K)
     return grad_x, grad_w
 
 
@@ -115,94 +106,16 @@ class Linear(nn.Linear):
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) of shape (L, hd/2): position i, frequency pair j."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (L, hd/2)
     return angles.cos(), angles.sin()
 
 
-def rope_full_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, hd/2) tables widened to (L, hd) for ``apply_rope``: [cos, cos] and [-sin, sin]."""
-    return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) (the GPT-NeoX/LLaMA-HF layout); the position axis of ``x`` is
-    the one the (L, hd) tables from ``rope_full_tables`` broadcast against (pass cos[:, None] for (L, H, hd)).
-
-    x * [cos, cos] + [x2, x1] * [-sin, sin]: three kernels (cat, mul, addcmul) instead of seven. The inverse
-    rotation (and so the gradient) is the same with -sin.
-    """
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) (the GPT-NeoX/LLaMA-HF layout). x: (B, H, L, hd)."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((x2, x1), dim=-1)
-    if out is None:
-        return torch.addcmul(x * cos.to(x.dtype), rotated, sin.to(x.dtype))
-    torch.mul(x, cos.to(x.dtype), out=out)
-    return out.addcmul_(rotated, sin.to(x.dtype))
-
-
-class _RotaryQKV(torch.autograd.Function):
-    """(B, L, 3, H, hd) fused projections -> rotated q and k (B, L, 2, H, hd) and v (B, L, H, hd), a view.
-
-    Autograd through slices, chunk and cat would build the (B, L, 3, H, hd) gradient from a zero fill, two
-    scatters and a cat; here the backward writes the inverse rotation of the q/k gradient and the v gradient
-    straight into it.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return apply_rope(qkv[:, :, :2], cos, sin), qkv[:, :, 2]
-
-    @staticmethod
-    def backward(ctx, grad_qk, grad_v):
-        cos, sin = ctx.saved_tensors
-        shape = grad_qk.shape
-        grad = grad_qk.new_empty(shape[0], shape[1], 3, *shape[3:])
-        apply_rope(grad_qk, cos, -sin, out=grad[:, :, :2])
-        if grad_v is None:
-            grad[:, :, 2].zero_()
-        else:
-            grad[:, :, 2].copy_(grad_v)
-        return grad, None, None
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up of the fused (..., 2I) projection; the backward writes both halves of the (..., 2I)
-    gradient in place instead of computing them apart and concatenating."""
-
-    @staticmethod
-    def forward(ctx, gate_up):
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate)
-        ctx.save_for_backward(gate_up, act)  # what autograd would keep too (the input and silu(gate))
-        return act * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate_up, act = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.empty_like(gate_up)
-        grad_gate, grad_up = out.chunk(2, dim=-1)
-        torch.mul(grad, act, out=grad_up)
-        torch.ops.aten.silu_backward(grad * up, gate, grad_input=grad_gate)
-        return out
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate, up = gate_up.chunk(2, -1). Under torch.compile, plain ops: inductor fuses
-    them (with the neighbouring ones) better than it can an opaque autograd.Function."""
-    if torch.compiler.is_compiling():
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return _SwiGLU.apply(gate_up)
-
-
-def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, 3, H, hd) -> (rotated q and k (B, L, 2, H, hd), v (B, L, H, hd)); cos/sin broadcast as (L, 1, 1, hd)."""
-    if torch.compiler.is_compiling():
-        return apply_rope(qkv[:, :, :2], cos, sin), qkv[:, :, 2]
-    return _RotaryQKV.apply(qkv, cos, sin)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class Attention(nn.Module):
@@ -217,10 +130,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask=None, return_probs: bool = False):
         B, L, D = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim)
-        qk, v = rotary_qkv(qkv, cos[:, None, None], sin[:, None, None])  # q and k rotated at once
-        q, k = qk.permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
-        v = v.transpose(1, 2)
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         probs = None
         if return_probs:  # explicit softmax for diagnostics; SDPA cannot return its weights
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
@@ -244,7 +155,8 @@ class SwiGLU(nn.Module):
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down(swiglu(self.gate_up(x)))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -332,8 +244,7 @@ class TdlmForMaskedDiffusion(PreTrainedModel):
                 mask = mask & torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
         if self._rope is None or self._rope[0].device != input_ids.device:
             c = self.config
-            self._rope = rope_full_tables(*rope_tables(c.max_seq_len, c.hidden_size // c.num_heads, c.rope_theta,
-                                                       input_ids.device))
+            self._rope = rope_tables(c.max_seq_len, c.hidden_size // c.num_heads, c.rope_theta, input_ids.device)
         cos, sin = self._rope[0][:L], self._rope[1][:L]
         x = self.embed(input_ids)
         probs, hiddens = [], []
