@@ -1,19 +1,20 @@
 """Peak memory (RSS) on CPU: a 125M-parameter training step at L=1024, tdlm vs BERT, and the quickstart training.
 
-    python eval/bench_memory.py                      # both parts, JSON out
+    python eval/bench_memory.py                      # both parts, JSON out (the demo part runs all 600 steps)
     python eval/bench_memory.py --skip-demo --batch 1 2
-    python eval/bench_memory.py --skip-step --demo-steps 600      # the whole `make demo` run
+    python eval/bench_memory.py --skip-step --demo-steps 30       # a short demo run
 
 RSS is a property of a process, so each figure comes from a fresh child process (``ru_maxrss`` of that child,
 which also reports its RSS right after imports and after building the model, to split the peak into parts). Peak
 memory does not depend on the machine's load, so unlike the throughput benchmarks these need no interleaving;
 the ratio is tdlm / BERT at the same shape, batch and optimizer (fused AdamW, fp32).
 
-Step: 12 layers x 768, 12 heads, vocab 50304 (tied), L=1024 (eval/bench_train.py's gpu125m shape, fp32 on CPU),
+Step: 12 layers x 768, 12 heads, vocab 50304 (tied), L=1024 (eval/bench_train.py's gpu-125m shape, fp32 on CPU),
 ``--steps`` optimizer steps (the first allocates AdamW's state). Demo: ``tdlm/train.py configs/quickstart.yaml``
-with ``trainer.max_steps=--demo-steps`` (30 by default; the run ends with an evaluation, a save and 3 samples as
-the 600-step demo does), wandb off, into a temporary directory; data preparation happens in the same process
-unless already cached under ``.cache/tdlm``.
+(what ``make demo`` launches) with ``trainer.max_steps=--demo-steps`` (600, the demo's own), wandb off, into a
+temporary directory with an empty data cache, so the data preparation (BPE training, tokenization, packing)
+happens in the same process as on a fresh checkout; then ``--demo-cached-steps`` more steps in a new process
+reusing that cache (0 = skip), to tell the data preparation's share of the peak from the training's.
 """
 
 from __future__ import annotations
@@ -57,18 +58,19 @@ def _child_demo(steps: int, out_dir: str) -> dict:
     import runpy
 
     rss_start = peak_rss_mb()
-    cached = (ROOT / ".cache" / "tdlm").is_dir()
+    cache = Path(out_dir) / "data_cache"
+    cached = cache.is_dir()
     sys.argv = ["tdlm/train.py", "configs/quickstart.yaml", f"trainer.max_steps={steps}", "trainer.run_name=bench",
                 f"trainer.output_dir={out_dir}", "trainer.overwrite=true", "wandb.enabled=false",
-                "trainer.progress_bar=false"]
+                "trainer.progress_bar=false", "metrics.console=false", f"data.cache_dir={cache}"]
     t0 = time.perf_counter()
     try:
         runpy.run_path(str(ROOT / "tdlm" / "train.py"), run_name="__main__")
     except SystemExit as exc:
         if exc.code:
             raise
-    return {"steps": steps, "data_cache_present_before": cached, "rss_at_start_mb": round(rss_start), "peak_rss_mb": round(peak_rss_mb()),
-            "wall_s": round(time.perf_counter() - t0, 1)}
+    return {"steps": steps, "data_cache_present_before": cached, "rss_at_start_mb": round(rss_start),
+            "peak_rss_mb": round(peak_rss_mb()), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def child(args: list[str]) -> dict:
@@ -94,6 +96,8 @@ def run(a) -> dict:
     if not a.skip_demo:
         with tempfile.TemporaryDirectory() as tmp:
             out["quickstart_training"] = child(["demo", str(a.demo_steps), tmp])
+            if a.demo_cached_steps:
+                out["quickstart_training_data_cached"] = child(["demo", str(a.demo_cached_steps), tmp])
     out["machine_after"] = machine_state(threads)
     return out
 
@@ -102,7 +106,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--demo-steps", type=int, default=30)
+    p.add_argument("--demo-steps", type=int, default=600)
+    p.add_argument("--demo-cached-steps", type=int, default=30)
     p.add_argument("--skip-step", action="store_true")
     p.add_argument("--skip-demo", action="store_true")
     p.add_argument("--threads", type=int, default=0)

@@ -3,13 +3,15 @@
     python eval/bench_train.py                       # CPU, the issue's shape: 6 x 384, 6 heads, L=128, B=16, V=8192
     python eval/bench_train.py --ablations           # + what each optimisation is worth (see ARMS below)
     python eval/bench_train.py --compile             # + torch.compile'd tdlm, with its compile time
-    python eval/bench_train.py --preset gpu125m      # CUDA: 125M parameters, L=1024, bf16 autocast, MFU vs peak
+    python eval/bench_train.py --preset gpu-125m     # CUDA: 125M parameters, L=1024, bf16 autocast, MFU vs peak
 
 Both models train on the same batches with the same optimizer (``tdlm.train.build_optimizer``: AdamW, decay
 groups), gradient clipping and threads. tdlm runs the trainer's own loss path (``Trainer.compute_loss``: masking
 noise, the LM head at masked positions only, w(t)-weighted CE / valid tokens); BERT does what an HF user would:
 the same masked inputs with ``labels`` = -100 off the masked positions, full logits, mean CE. Arms alternate in
-rotating order for ``--rounds`` rounds (``eval/bench_common.py``), medians and ratios reported.
+rotating order for ``--rounds`` rounds (``eval/bench_common.py``), medians and ratios reported; on CPU over the
+repetitions that got at least ``--min-cpu-share`` of the cores (``kept_rounds``; the all-rounds figures are
+beside them), since another job's burst slows a 2-thread step 5-10x.
 
 Identical shape: layers, hidden, heads, vocabulary (tied head in both), sequence length and batch are the same.
 BERT's FFN is a 4h GELU MLP (2 matrices); tdlm's is SwiGLU (3 matrices), so tdlm gets intermediate_size = 8h/3
@@ -36,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench_common import emit, interleaved, machine_state, median, ratio, set_threads, spread
+from bench_common import emit, interleaved, machine_state, median, ratio, set_threads, spread, uncontended
 from tdlm.config import OptimSection, RunConfig
 from tdlm.diffusion import apply_noise, make_schedule, sample_t
 from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion, linear, onednn_mm
@@ -44,7 +46,7 @@ from tdlm.train import Trainer, build_optimizer
 
 PRESETS = {
     "cpu": dict(layers=6, hidden=384, heads=6, vocab=8192, seq_len=128, batch=16, rounds=10, warmup=2),
-    "gpu125m": dict(layers=12, hidden=768, heads=12, vocab=50304, seq_len=1024, batch=16, rounds=20, warmup=5),
+    "gpu-125m": dict(layers=12, hidden=768, heads=12, vocab=50304, seq_len=1024, batch=16, rounds=20, warmup=5),
 }
 # dense bf16 spec-sheet peaks; the first name contained in the device name wins
 SPEC_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -86,8 +88,10 @@ class FullHead(nn.Module):
         super().__init__()
         self.inner = model
 
-    def forward(self, input_ids, attention_mask=None, logits_mask=None):
+    def forward(self, input_ids, attention_mask=None, logits_mask=None, logits_index=None):
         logits = self.inner(input_ids, attention_mask)
+        if logits_index is not None:
+            return logits.flatten(0, 1).index_select(0, logits_index)
         return logits[logits_mask] if logits_mask is not None else logits
 
 
@@ -119,7 +123,7 @@ def tdlm_loss(stub):
 
 def bert_loss(model, batch):
     ids = batch["ids"]
-    nb = apply_noise(ids, ids != PAD_ID, batch["t"], batch["u"], make_schedule("linear"), MASK_ID)
+    nb = apply_noise(ids, ids != PAD_ID, batch["t_dev"], batch["u_dev"], make_schedule("linear"), MASK_ID)
     labels = torch.where(nb.masked, ids, torch.full_like(ids, -100))
     return model(input_ids=nb.noisy_ids, labels=labels).loss
 
@@ -194,13 +198,15 @@ def build_arms(a, device: str) -> dict:
 
 
 def make_batches(a, device: str, n: int = 4) -> list[dict]:
+    """Token ids on the device; the noise t, u on the host, where the trainer draws it (tdlm masks there and
+    sends the positions over asynchronously) and, for BERT, already on the device (``t_dev``, ``u_dev``)."""
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(n):
         ids = torch.randint(4, a.vocab, (a.batch, a.seq_len), generator=g)
         t = sample_t(a.batch, 1e-3, True, g)
         u = torch.rand(a.batch, a.seq_len, generator=g)
-        out.append({"ids": ids.to(device), "t": t.to(device), "u": u.to(device)})
+        out.append({"ids": ids.to(device), "t": t, "u": u, "t_dev": t.to(device), "u_dev": u.to(device)})
     return out
 
 
@@ -217,7 +223,8 @@ def memory_per_arm(steps: dict, batches: list[dict]) -> dict:
     return out
 
 
-def report_arms(a, arms: dict, seconds: dict, masked_frac: float, peak: float, spec: float | None) -> dict:
+def report_arms(a, arms: dict, seconds: dict, masked_frac: float, peak: float, spec: float | None,
+                torch_peak: float | None, timing: dict, kept: dict) -> dict:
     tokens = a.batch * a.seq_len
     out = {}
     for name, (model, _, _, head_everywhere) in arms.items():
@@ -229,7 +236,11 @@ def report_arms(a, arms: dict, seconds: dict, masked_frac: float, peak: float, s
             "params_total": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
             "params_matmul": n_mm, "model_tflops_per_s": round(model_f / sec / 1e12, 4),
             "mfu_model_flops": round(model_f / sec / peak, 3),
-            "executed_flops_frac_of_peak": round(exec_f / sec / peak, 3)}
+            "executed_flops_frac_of_peak": round(exec_f / sec / peak, 3),
+            "kept_rounds": kept[name], "all_rounds_tokens_per_s": round(tokens / median(timing["seconds"][name]), 1),
+            "rounds_s": [round(x, 4) for x in timing["seconds"][name]], "rounds_cpu_share": timing["cpu_shares"][name]}
+        if torch_peak:
+            out[name]["mfu_vs_torch_matmul_peak"] = round(model_f / sec / torch_peak, 3)
         if spec:
             out[name]["mfu_vs_spec_peak"] = round(model_f / sec / spec, 3)
     return out
@@ -255,7 +266,9 @@ def run(a) -> dict:
     peak_arms, peak_f, peak_shape = matmul_arms(device)
     timed = {n: (lambda i, s=s: s(batches[i % len(batches)])) for n, s in steps.items()}
     timing = interleaved({**timed, **peak_arms}, rounds=a.rounds, warmup=a.warmup, sync=sync)
-    sec = timing["seconds"]
+    # CPU: repetitions that got less than --min-cpu-share of the cores were hit by another job's burst; on CUDA
+    # the host's share says nothing about the device, so every repetition counts
+    sec, kept = uncontended(timing, a.min_cpu_share if device == "cpu" else 0.0)
     peaks = {k: peak_f / median(sec[k]) for k in peak_arms}
     spec = None
     if device == "cuda":
@@ -270,10 +283,15 @@ def run(a) -> dict:
            "shape": {k: getattr(a, k) for k in ("layers", "hidden", "heads", "vocab", "seq_len", "batch")},
            "tdlm_intermediate_size": 8 * a.hidden // 3, "bert_intermediate_size": 4 * a.hidden,
            "precision": "bf16 autocast" if amp else "fp32", "masked_fraction": round(masked_frac, 3),
-           "rounds": a.rounds, "arms": report_arms(a, arms, sec, masked_frac, max(peaks.values()), spec),
+           "rounds": a.rounds,
+           "arms": report_arms(a, arms, sec, masked_frac, max(peaks.values()), spec,
+                               peaks["peak_torch_matmul"] if device == "cpu" else None, timing, kept),
+           "min_cpu_share": a.min_cpu_share if device == "cpu" else None,
+           "all_rounds_ratios": {f"{n}_vs_bert": ratio(timing["seconds"], "bert", n) for n in arms if n != "bert"},
            "ratios": ratios,
            "matmul_peak": {"shape": peak_shape, **{f"{k}_tflops": round(v / 1e12, 4) for k, v in peaks.items()},
-                           **spread(sec[max(peaks, key=peaks.get)])},
+                           **spread(sec[max(peaks, key=peaks.get)]),
+                           "kept_rounds": {k: kept[k] for k in peak_arms}},
            "cpu_share": timing["cpu_share"], "machine_before": before, "machine_after": machine_state(threads)}
     if spec:
         out["spec_bf16_peak_tflops"] = spec / 1e12
@@ -287,17 +305,20 @@ def run(a) -> dict:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="default: gpu125m when CUDA is available, else cpu")
+                   help="default: gpu-125m when CUDA is available, else cpu")
     for k in ("layers", "hidden", "heads", "vocab", "seq_len", "batch", "rounds", "warmup"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    p.add_argument("--min-cpu-share", type=float, default=0.85,
+                   help="CPU: report the repetitions that got at least this share of the threads' CPU time "
+                        "(0 = all); see eval/bench_common.py")
     p.add_argument("--ablations", action="store_true")
     p.add_argument("--compile", action="store_true")
     a = p.parse_args(argv)
-    a.preset = a.preset or ("gpu125m" if torch.cuda.is_available() else "cpu")
+    a.preset = a.preset or ("gpu-125m" if torch.cuda.is_available() else "cpu")
     a.device = "cuda" if a.preset.startswith("gpu") else "cpu"
     if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--preset gpu125m needs CUDA")
+        p.error(f"--preset {a.preset} needs CUDA (none is available here); on a CPU use --preset cpu")
     for k, v in PRESETS[a.preset].items():
         if getattr(a, k) is None:
             setattr(a, k, v)

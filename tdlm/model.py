@@ -262,15 +262,21 @@ class TdlmForMaskedDiffusion(PreTrainedModel):
         return out
 
     def forward(self, input_ids, attention_mask=None, logits_mask=None, return_attention: bool = False,
-                return_all_hidden: bool = False):
-        """Logits (B, L, V); with ``logits_mask`` (B, L) bool, logits of the selected positions only, (M, V).
+                return_all_hidden: bool = False, logits_index=None):
+        """Logits (B, L, V); with ``logits_mask`` (B, L) bool, logits of the selected positions only, (M, V);
+        with ``logits_index`` (M,) int64, of the positions ``b * L + i`` it lists, in its order (no host sync:
+        a boolean mask's count must be read back from the device, an index's length is known).
 
         The diffusion loss needs logits only at masked positions, so projecting just those onto the vocabulary
         saves about half the output-layer work. With a ``return_*`` flag a dict is returned instead.
         """
         out = self.hidden_states(input_ids, attention_mask, return_attention, return_all_hidden)
         h = out["hidden"]
-        logits = self.lm_head(h[logits_mask] if logits_mask is not None else h)
+        if logits_index is not None:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, logits_index)
+        elif logits_mask is not None:
+            h = h[logits_mask]
+        logits = self.lm_head(h)
         if not (return_attention or return_all_hidden):
             return logits
         out["logits"] = logits

@@ -7,6 +7,8 @@ positions are fixed (a prompt prefix, or any infilling pattern) and never change
   with probability (m(tau) - m(tau')) / m(tau), m the expected masked fraction; revealed tokens never change
   (carry-over of absorbing diffusion). With ``use_cache`` the network is skipped when the previous step revealed
   nothing: the model has no time input, so its output for an unchanged canvas is unchanged (MDLM ``ddpm_cache``).
+  The cache is kept per row (rows never attend to each other): a call recomputes only the rows that changed, so
+  a batch gains as much as one sequence does (at 1000 steps and L=128 about 1 row in 8 changes per step).
 - ``low_confidence`` / ``random`` (LLaDA ``generate.py``): each step commits a fixed number of tokens, the
   most confident predictions (probability of the sampled token) or random ones, and leaves the rest masked.
 
@@ -64,6 +66,7 @@ class SampleOutput:
     ids: torch.Tensor          # (B, L)
     network_calls: int
     steps_run: int
+    rows_computed: int = 0     # sequences the network processed over all calls (the cache recomputes changed rows)
 
 
 def masked_fraction(schedule: str | NoiseSchedule, tau: float) -> float:
@@ -164,7 +167,7 @@ def generate(model, canvas: torch.Tensor, mask_token_id: int, cfg: SamplerConfig
         raise ValueError(f"--steps: {cfg.steps} steps cannot cover {len(blocks)} blocks of {cfg.block_length}")
     cols = torch.arange(L, device=z.device)
     banned = (mask_token_id, *cfg.forbidden_token_ids)
-    calls = steps_run = 0
+    calls = steps_run = rows_computed = 0
     cached_input = cached_logits = None
     for j, (lo, hi) in enumerate(blocks):
         in_block = to_fill & (cols >= lo) & (cols < hi)  # (B, L)
@@ -175,10 +178,20 @@ def generate(model, canvas: torch.Tensor, mask_token_id: int, cfg: SamplerConfig
             if not still.any():
                 break
             steps_run += 1
-            if not (cfg.use_cache and cached_input is not None and torch.equal(z, cached_input)):
-                logits = model(z, attention_mask) if attention_mask is not None else model(z)
-                cached_input, cached_logits = z.clone(), logits
-                calls += 1
+            if not (cfg.use_cache and cached_input is not None):
+                cached_logits = model(z, attention_mask) if attention_mask is not None else model(z)
+                if cfg.use_cache:  # rows are written into it later: our own copy, not the model's tensor
+                    cached_logits = cached_logits.clone()
+                cached_input = z.clone()
+                calls, rows_computed = calls + 1, rows_computed + B
+            else:
+                changed = (z != cached_input).any(1).nonzero().squeeze(1)
+                if changed.numel():
+                    sub = z.index_select(0, changed)
+                    cached_logits[changed] = model(sub, attention_mask.index_select(0, changed)) \
+                        if attention_mask is not None else model(sub)
+                    cached_input[changed] = sub
+                    calls, rows_computed = calls + 1, rows_computed + changed.numel()
             m_now, m_next = masked_fraction(cfg.step_schedule, i / n_steps), \
                 masked_fraction(cfg.step_schedule, (i + 1) / n_steps)
             if cfg.method == "ancestral":
@@ -198,7 +211,7 @@ def generate(model, canvas: torch.Tensor, mask_token_id: int, cfg: SamplerConfig
                 commit = still & (rank < n_now[:, None])
                 tokens = tokens_all[commit[still]]
             z[commit] = tokens
-    return SampleOutput(z, calls, steps_run)
+    return SampleOutput(z, calls, steps_run, rows_computed)
 
 
 @torch.no_grad()

@@ -67,6 +67,17 @@ class StepOutputs:
     weight: torch.Tensor | None = None   # (B,) w(t)
     token_ce: torch.Tensor | None = None     # (M,) CE of masked tokens (AR: (B, L-1) NLL)
     logits: torch.Tensor | None = None       # (M, V) logits of masked tokens (AR: (B, L, V))
+    positions: torch.Tensor | None = None    # (M,) flat index b * L + i of each masked token, row-major
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync: to CUDA by an asynchronous copy from pinned memory (the
+    caching host allocator keeps the pinned block until the copy is done)."""
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -102,12 +113,16 @@ def make_accelerator(cfg: RunConfig):
         mixed_precision=mp,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.trainer.grad_accum_steps, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # on a GPU, batches go over by asynchronous copies from pinned memory (the DataLoaders pin): no host sync
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
         step_scheduler_with_optimizer=False, **kwargs)
     if acc.num_processes != world:
         raise ConfigError(f"launch: {world} processes were started but they formed a group of {acc.num_processes}; "
                           f"use a config from configs/accelerate/ (see README, Distributed)")
     if acc.distributed_type == DistributedType.DEEPSPEED:
+        if cfg.trainer.compile:
+            raise ConfigError("trainer.compile: not supported with DeepSpeed (its engine wraps the model); set it "
+                              "to false")
         _match_deepspeed_config(acc.state.deepspeed_plugin, cfg)
     return acc
 
@@ -193,12 +208,21 @@ class Trainer:
         collate = Collator(self.pad_id)
         train_dl = torch.utils.data.DataLoader(
             self.data.train, batch_size=cfg.trainer.micro_batch_size, shuffle=True, drop_last=True,
-            collate_fn=collate, num_workers=cfg.trainer.num_workers,
+            collate_fn=collate, num_workers=cfg.trainer.num_workers, pin_memory=acc.device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg.trainer.seed))
         val_dl = torch.utils.data.DataLoader(self.data.validation, batch_size=cfg.trainer.micro_batch_size,
-                                             shuffle=False, collate_fn=collate)
+                                             shuffle=False, collate_fn=collate, pin_memory=acc.device.type == "cuda")
         self.model, self.optimizer, self.train_dl, self.val_dl = acc.prepare(self.model, optimizer, train_dl, val_dl)
         acc.register_for_checkpointing(self.scheduler)
+        # The compiled module shares the parameters; evaluation, metrics' extra passes and sampling use the plain
+        # one (other shapes and flags would each cost a recompile), checkpoints save the plain one (same keys).
+        self.train_model = self.model
+        if cfg.trainer.compile:
+            if cfg.metrics.tiers.research.enabled:
+                # its per-bucket gradients are extra backward passes through the retained graph, which a compiled
+                # backward that donates (reuses) its saved buffers refuses
+                torch._functorch.config.donated_buffer = False
+            self.train_model = torch.compile(self.model)
         self.ema = None
         if cfg.trainer.ema_decay > 0:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -291,6 +315,13 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- loss
     def compute_loss(self, batch, t=None, uniforms=None, model=None) -> StepOutputs:
+        """The loss of one micro-batch. ``t`` (B,) and ``uniforms`` (B, L) are the masking noise, drawn on the host.
+
+        No host sync on a GPU: a packed batch (no padding, so no ``attention_mask``) is masked on the host, where
+        the noise is, and the masked positions go to the device as an index of known length, by asynchronous
+        copies from pinned memory; the LM head and the CE then run at those positions only. A padded batch
+        needs the device's pad mask, so it is masked there and its masked count is read back (one sync).
+        """
         model = self.model if model is None else model  # not `or`: bool() of a compiled module raises
         ids = batch["input_ids"]
         attn = batch.get("attention_mask")
@@ -299,13 +330,23 @@ class Trainer:
             logits = model(ids, attn)
             nll, tgt_valid = ar_token_losses(logits, ids, valid)
             return StepOutputs(nll.sum(), tgt_valid.sum(), ids, valid, token_ce=nll, logits=logits)
-        nb = apply_noise(ids, valid, t.to(ids.device), uniforms.to(ids.device), self.schedule, self.mask_id)
-        logits = model(nb.noisy_ids, attn, logits_mask=nb.masked)
-        ce = diffusion_token_losses(logits, ids[nb.masked])
-        w = nb.weight[:, None].expand_as(ids)[nb.masked]
+        if attn is None:  # every position is valid: the mask depends on the noise alone
+            masked = uniforms < self.schedule.mask_prob(t)[:, None]
+            positions = masked.flatten().nonzero().squeeze(1)  # host-side when the noise is on the host
+            weight = self.schedule.weight(t.float())
+            masked, positions, t, weight = (to_device(x, ids.device) for x in (masked, positions, t, weight))
+            noisy = torch.where(masked, torch.full_like(ids, self.mask_id), ids)
+        else:
+            nb = apply_noise(ids, valid, to_device(t, ids.device), to_device(uniforms, ids.device), self.schedule,
+                             self.mask_id)
+            noisy, masked, t, weight = nb.noisy_ids, nb.masked, nb.t, nb.weight
+            positions = masked.flatten().nonzero().squeeze(1)
+        logits = model(noisy, attn, logits_index=positions)
+        ce = diffusion_token_losses(logits, ids.flatten()[positions])
+        w = weight[positions // ids.shape[1]]
         if self.cfg.diffusion.clip_weight > 0 and model.training:  # biased, for the gradient only
             w = w.clamp(max=self.cfg.diffusion.clip_weight)
-        return StepOutputs((w * ce).sum(), valid.sum(), ids, valid, nb.masked, nb.t, nb.weight, ce, logits)
+        return StepOutputs((w * ce).sum(), valid.sum(), ids, valid, masked, t, weight, ce, logits, positions)
 
     def _step_noise(self, step: int):
         """t and mask uniforms for the whole optimizer step's global batch: (accum * world * B, L)."""
@@ -385,7 +426,7 @@ class Trainer:
             for m, batch in enumerate(batches):
                 rows = self._rows(m)
                 with acc.accumulate(model):
-                    out = self.compute_loss(batch, t_all[rows], u_all[rows])
+                    out = self.compute_loss(batch, t_all[rows], u_all[rows], model=self.train_model)
                     self.metrics.update(step, batch=out, model=raw_model)  # before backward: may reuse the graph
                     # x world: DDP averages gradients over processes; x accum: accelerate divides by accum.
                     acc.backward(out.loss_sum * (world * accum) / n_global)
@@ -498,7 +539,7 @@ class Trainer:
         B = out.input_ids.shape[0]
         if self.causal:
             return torch.stack([out.token_ce.double().sum(1), out.valid[:, 1:].double().sum(1)], 1)
-        rows = torch.arange(B, device=out.input_ids.device)[:, None].expand_as(out.input_ids)[out.masked]
+        rows = out.positions // out.input_ids.shape[1]
         nelbo = torch.zeros(B, dtype=torch.float64, device=out.input_ids.device)
         nelbo.index_add_(0, rows, (out.weight[rows].double() * out.token_ce.double()))
         return torch.stack([nelbo, out.valid.double().sum(1)], 1)
@@ -549,7 +590,7 @@ class Trainer:
             acc.free_memory()  # DeepSpeed's engine.destroy() needs the process group that end_training() destroys
         acc.end_training()
         # Two-process gloo runs abort at exit about 1 in 6 unless the prepared objects are dropped first.
-        del self.model, self.optimizer, self.train_dl, self.val_dl
+        del self.model, self.train_model, self.optimizer, self.train_dl, self.val_dl
         self.__dict__.pop("_iter", None)
         acc.free_memory()
         gc.collect()

@@ -1,5 +1,6 @@
 """The model's speed paths change no numbers: oneDNN GEMM vs F.linear, the masked-position head vs full logits,
-the trainer's loss vs a plain reference, fused vs for-loop AdamW."""
+the trainer's loss vs a plain reference, fused vs for-loop AdamW; and the training step reads no value back from
+the device."""
 
 import copy
 from types import SimpleNamespace
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tdlm.config import OptimSection, RunConfig
-from tdlm.diffusion import make_schedule
+from tdlm.diffusion import make_schedule, sample_t
 from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion, linear, onednn_mm
 from tdlm.train import Trainer, build_optimizer
 
@@ -28,13 +29,13 @@ def grads(model) -> dict:
 
 
 @needs_onednn
-@pytest.mark.parametrize("bias", [False, True])
-def test_onednn_linear_matches_f_linear_forward_and_backward(bias):
+@pytest.mark.parametrize("bias,out_features", [(False, 40), (True, 40), (False, 16)])  # N > K and N < K
+def test_onednn_linear_matches_f_linear_forward_and_backward(bias, out_features):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 24, generator=g, requires_grad=True)
-    w = torch.randn(40, 24, generator=g, requires_grad=True)
-    b = torch.randn(40, generator=g, requires_grad=True) if bias else None
-    gy = torch.randn(3, 5, 40, generator=g)
+    w = torch.randn(out_features, 24, generator=g, requires_grad=True)
+    b = torch.randn(out_features, generator=g, requires_grad=True) if bias else None
+    gy = torch.randn(3, 5, out_features, generator=g)
     ref = F.linear(x, w, b)
     ref_grads = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), gy)
     out = linear(x, w, b)
@@ -81,20 +82,26 @@ def test_masked_head_equals_full_logits_at_the_masked_positions():
     ids = torch.randint(2, 97, (4, 16), generator=g)
     mask = torch.rand(4, 16, generator=g) < 0.4
     torch.testing.assert_close(model(ids, logits_mask=mask), model(ids)[mask], rtol=1e-5, atol=1e-5)
+    index = mask.flatten().nonzero().squeeze(1)
+    assert torch.equal(model(ids, logits_index=index), model(ids, logits_mask=mask))
 
 
-def test_trainer_loss_matches_plain_reference():
-    """compute_loss (masked head, weighted CE) == full logits, log_softmax, gather, w(t), / valid tokens."""
+@pytest.mark.parametrize("padded", [False, True])
+def test_trainer_loss_matches_plain_reference(padded):
+    """compute_loss (masked head, weighted CE) == full logits, log_softmax, gather, w(t), / valid tokens; for a
+    packed batch (masked on the host) and a padded one (masked on the device)."""
     model = tiny_model()
     stub = SimpleNamespace(model=model, pad_id=1, mask_id=0, causal=False, schedule=make_schedule("linear"),
                            cfg=RunConfig())
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(2, 97, (4, 16), generator=g)
-    ids[3, 12:] = 1  # a padded row
+    if padded:
+        ids[3, 12:] = 1  # a padded row
     attn = ids != 1
     t, u = torch.tensor([0.1, 0.5, 0.9, 0.7]), torch.rand(4, 16, generator=g)
-    out = Trainer.compute_loss(stub, {"input_ids": ids, "attention_mask": attn}, t, u)
+    out = Trainer.compute_loss(stub, {"input_ids": ids, **({"attention_mask": attn} if padded else {})}, t, u)
     loss = out.loss_sum / out.num_tokens
+    assert torch.equal(out.positions, (out.masked.flatten().nonzero().squeeze(1)))
 
     masked = (u < t[:, None]) & attn  # linear schedule: mask probability t
     noisy = torch.where(masked, torch.zeros_like(ids), ids)
@@ -115,3 +122,24 @@ def test_fused_adamw_matches_for_loop():
             o.zero_grad(set_to_none=True)
     for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_training_step_reads_nothing_back_from_the_device():
+    """Loss, backward, clipping and the essential metric updates run with the model and the batch on the meta
+    device, which has no values: an op that needs one on the host (``.item()``, ``nonzero``, a boolean index,
+    i.e. a host sync on a GPU) raises there. The noise stays on the host, as the trainer draws it."""
+    from tdlm.metrics.text_health import build_text_metrics
+
+    model = tiny_model().to("meta")
+    cfg = RunConfig()
+    stub = SimpleNamespace(model=model, pad_id=1, mask_id=0, causal=False, schedule=make_schedule("linear"), cfg=cfg)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, 97, (4, 16), generator=g).to("meta")
+    t, u = sample_t(4, 1e-3, True, g), torch.rand(4, 16, generator=g)
+    out = Trainer.compute_loss(stub, {"input_ids": ids}, t, u)
+    assert out.logits.shape == (int((u < t[:, None]).sum()), 97)
+    runner = build_text_metrics(cfg, mask_id=0, device="meta")
+    runner.update(1, batch=out, model=model)
+    (out.loss_sum / out.num_tokens).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    assert model.embed.weight.grad.device.type == "meta"

@@ -186,3 +186,14 @@ def test_autoregressive_sampling_keeps_the_prompt_and_is_greedy_at_zero_temperat
     sampled = ar_generate(Causal(), prompt, 6, SamplerConfig(temperature=1.0, top_k=1),
                           [torch.Generator().manual_seed(i) for i in range(2)])
     assert torch.equal(sampled, out)
+
+
+def test_cache_recomputes_only_the_rows_that_changed():
+    L, steps, B = 16, 64, 6
+    runs = {}
+    for cache in (False, True):
+        cfg = SamplerConfig(steps=steps, method="ancestral", use_cache=cache, temperature=1.0)
+        runs[cache] = generate(TinyDenoiser(L), torch.full((B, L), MASK), MASK, cfg, torch.Generator().manual_seed(5))
+    assert torch.equal(runs[True].ids, runs[False].ids)
+    assert runs[False].rows_computed == B * runs[False].network_calls
+    assert B <= runs[True].rows_computed <= B + B * L  # the first call, then one row per row-step that revealed
