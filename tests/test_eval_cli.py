@@ -84,8 +84,11 @@ def test_perplexity_on_prepared_dir_and_raw_text(runs, capsys, tmp_path):
     ckpt = str(runs["diff"]["dir"])
     base = ["--checkpoint", ckpt, "--estimator", "exact-k", "--mc-passes", "2", "--json"]
     default = run_json(perplexity, base, capsys)
-    cache = Path(runs["diff"]["cfg"].data.cache_dir)
-    prepared = next(p for p in cache.iterdir() if (p / "info.json").is_file())
+    from tdlm.data import _fingerprint
+
+    # the cache is shared by every test of the session: take the diffusion run's own prepared dir
+    prepared = Path(runs["diff"]["cfg"].data.cache_dir) / _fingerprint(runs["diff"]["cfg"].data)
+    assert (prepared / "info.json").is_file()
     assert run_json(perplexity, base + ["--data", str(prepared)], capsys)["per_pass"] == default["per_pass"]
     text = tmp_path / "t.txt"
     text.write_text("a b c d e f " * 10 + "\n\n" + "f e d c b a " * 10)
