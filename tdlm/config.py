@@ -82,9 +82,14 @@ class DiffusionSection:
 @dataclass
 class OptimSection:
     lr: float = 1e-3
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
+    """On matrices only (not embeddings, norms). With beta2 below: the nanoGPT/LLaMA settings."""
     beta1: float = 0.9
-    beta2: float = 0.98
+    beta2: float = 0.95
+    """0.95, not 0.98: the 1/t-weighted NELBO gradient is heavy-tailed (a sequence with small t weighs up to
+    1/t_min), and with beta2=0.98 one such step shrinks the updates for long enough that the quickstart model
+    stayed at its unigram plateau for 700+ steps (val loss 6.58, context ignored); 0.95 with weight decay 0.1
+    reaches 6.11 in 600 steps (docs/diffusion.md)."""
     eps: float = 1e-8
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
