@@ -605,29 +605,19 @@ def preempted_message(trainer: Trainer, argv: list[str]) -> str:
             f"written. Resume with: {launcher} {cmd}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_cli(argv: list[str] | None, doc: str, load, make_trainer, train_and_report) -> int:
+    """The shell both trainers' ``main`` share: ``--help``; bad input (``ConfigError``) is one ``error:`` line and
+    exit code 2, a run stopped by a health rule (``TrainingStopped``) one line and 3; the trainer is closed
+    (wandb finished, process group torn down) whatever happens."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(doc)
         return 0 if argv else 2
     trainer = None
     try:
-        cfg = load_config(argv[0], argv[1:])
-        trainer = Trainer(cfg)
-        result = trainer.train()
-        acc = trainer.accelerator
-        if trainer.preempted:
-            if acc.is_main_process:
-                print(preempted_message(trainer, argv), flush=True)
-            return 0
-        if acc.is_main_process and "val/perplexity" in result:
-            vp = result.get("val/perplexity")
-            kind = "exact perplexity (AR)" if cfg.model.causal else "perplexity bound (NELBO)"
-            print(f"validation {kind}: {vp:.3f}   val/loss {result.get('val/loss'):.4f} nats/token   "
-                  f"steps {result['summary/total_steps']}   run dir {cfg.run_dir}")
-        if cfg.trainer.sample_at_end and acc.is_main_process:
-            for i, text in enumerate(trainer.sample(cfg.trainer.sample_at_end, cfg.trainer.sample_steps)):
-                print(f"--- sample {i} ---\n{text[:400]}")
+        cfg = load(argv[0], argv[1:])
+        trainer = make_trainer(cfg)
+        return train_and_report(cfg, trainer, argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -637,7 +627,28 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+
+
+def _train_and_report(cfg: RunConfig, trainer: Trainer, argv: list[str]) -> int:
+    result = trainer.train()
+    acc = trainer.accelerator
+    if trainer.preempted:
+        if acc.is_main_process:
+            print(preempted_message(trainer, argv), flush=True)
+        return 0
+    if acc.is_main_process and "val/perplexity" in result:
+        vp = result.get("val/perplexity")
+        kind = "exact perplexity (AR)" if cfg.model.causal else "perplexity bound (NELBO)"
+        print(f"validation {kind}: {vp:.3f}   val/loss {result.get('val/loss'):.4f} nats/token   "
+              f"steps {result['summary/total_steps']}   run dir {cfg.run_dir}")
+    if cfg.trainer.sample_at_end and acc.is_main_process:
+        for i, text in enumerate(trainer.sample(cfg.trainer.sample_at_end, cfg.trainer.sample_steps)):
+            print(f"--- sample {i} ---\n{text[:400]}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(argv, __doc__, load_config, Trainer, _train_and_report)
 
 
 if __name__ == "__main__":

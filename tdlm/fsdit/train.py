@@ -40,7 +40,7 @@ from tdlm.metrics.core import StepInfo
 from tdlm.metrics.image import IMAGE, FlowBatch, GradView, PerfTimes, SampleRequest, ValResult
 from tdlm.metrics.image_health import build_fsdit_metrics
 from tdlm.metrics.sinks import ConsoleSink, JsonlSink, WandbSink
-from tdlm.train import TrainingStopped, lr_lambda, make_accelerator, step_generator
+from tdlm.train import TrainingStopped, lr_lambda, make_accelerator, run_cli, step_generator
 
 
 def _clock(device) -> float:
@@ -408,39 +408,26 @@ class Trainer:
         gc.collect()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    trainer = None
-    try:
-        cfg = load_fsdit_config(argv[0], argv[1:])
-        trainer = Trainer(cfg)
-        acc = trainer.accelerator
-        acc.print(f"FSDiT: {trainer.num_params:,} trainable parameters (depth {cfg.model.depth}, hidden "
-                  f"{cfg.model.hidden_size}, {cfg.model.num_heads} heads, patch {cfg.model.patch_size}, model space "
-                  f"{trainer.x_shape}); frozen SigLIP {trainer.encoder_params:,} (not counted)")
-        result = trainer.train()
-        if trainer.preempted:
-            acc.print(f"stopped by SIGTERM after step {trainer.step}; resume with the same command and "
-                      f"trainer.resume=auto")
-            return 0
-        if acc.is_main_process:
-            media = sorted(str(p) for p in (cfg.run_dir / "media").glob(f"samples_*_step{trainer.step:07d}.png"))
-            print(f"steps {result['steps']} in {result['seconds']:.0f} s   train/loss "
-                  f"{result.get('train/loss', math.nan):.4f}   val/loss {result.get('val/loss', math.nan):.4f}   "
-                  f"run dir {cfg.run_dir}" + "".join(f"\n  {m}" for m in media))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingStopped as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    finally:
-        if trainer is not None:
-            trainer.close()
+def _train_and_report(cfg: FSDiTRunConfig, trainer: Trainer, argv: list[str]) -> int:
+    acc = trainer.accelerator
+    acc.print(f"FSDiT: {trainer.num_params:,} trainable parameters (depth {cfg.model.depth}, hidden "
+              f"{cfg.model.hidden_size}, {cfg.model.num_heads} heads, patch {cfg.model.patch_size}, model space "
+              f"{trainer.x_shape}); frozen SigLIP {trainer.encoder_params:,} (not counted)")
+    result = trainer.train()
+    if trainer.preempted:
+        acc.print(f"stopped by SIGTERM after step {trainer.step}; resume with the same command and "
+                  f"trainer.resume=auto")
+        return 0
+    if acc.is_main_process:
+        media = sorted(str(p) for p in (cfg.run_dir / "media").glob(f"samples_*_step{trainer.step:07d}.png"))
+        print(f"steps {result['steps']} in {result['seconds']:.0f} s   train/loss "
+              f"{result.get('train/loss', math.nan):.4f}   val/loss {result.get('val/loss', math.nan):.4f}   "
+              f"run dir {cfg.run_dir}" + "".join(f"\n  {m}" for m in media))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(argv, __doc__, load_fsdit_config, Trainer, _train_and_report)
 
 
 if __name__ == "__main__":
