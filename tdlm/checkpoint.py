@@ -40,6 +40,19 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
+def check_run_dir(run_dir: Path, ckpt_root: Path, trainer_section) -> bool:
+    """Refuse to train over another run unless told to (``trainer.resume`` or ``trainer.overwrite``), and fail
+    on a full disk before training rather than at the first save. True when the old run is to be replaced
+    (the caller does it once everything else has checked out)."""
+    t = trainer_section
+    has_run = (run_dir / "metrics.jsonl").exists() or bool(list_checkpoints(ckpt_root))
+    if has_run and not t.resume and not t.overwrite:
+        raise ConfigError(f"trainer.output_dir: {run_dir} already holds a run; set trainer.resume=auto "
+                          f"to continue it or trainer.overwrite=true to replace it")
+    check_free_disk(run_dir.parent, t.min_free_disk_mb)
+    return has_run and t.overwrite and not t.resume
+
+
 def check_free_disk(root: Path, min_free_mb: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     free_mb = shutil.disk_usage(root).free / 2**20

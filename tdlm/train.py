@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: `python tdlm/train.py` / `acce
 import torch
 import yaml
 
-from tdlm.checkpoint import (check_free_disk, list_checkpoints, prune_checkpoints, read_state, resolve_resume,
+from tdlm.checkpoint import (check_run_dir, list_checkpoints, prune_checkpoints, read_state, resolve_resume,
                              save_checkpoint)
 from tdlm.config import ConfigError, RunConfig, load_config
 from tdlm.data import Collator, resolve_data, tokenizer_fingerprint
@@ -184,7 +184,7 @@ class Trainer:
         self.accelerator = acc = make_accelerator(cfg)
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
-        self._check_run_dir()
+        self._replace_old_run = check_run_dir(self.run_dir, self.ckpt_root, cfg.trainer)
         torch.manual_seed(cfg.trainer.seed)
 
         with acc.main_process_first():
@@ -226,8 +226,8 @@ class Trainer:
         self.ema = None
         if cfg.trainer.ema_decay > 0:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-            self.ema = AveragedModel(acc.unwrap_model(self.model), multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_decay),
-                                     use_buffers=False)
+            self.ema = AveragedModel(acc.unwrap_model(self.model),
+                                     multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_decay), use_buffers=False)
             acc.register_for_checkpointing(self.ema)
         if len(self.train_dl) < cfg.trainer.grad_accum_steps:
             raise ConfigError(f"trainer.micro_batch_size: the training split has only {len(self.train_dl)} batches "
@@ -267,15 +267,6 @@ class Trainer:
             self.metrics.load_state_dict(self._metric_state, rank=acc.process_index)
 
     # -------------------------------------------------------------------------------------------- set-up
-    def _check_run_dir(self):
-        t = self.cfg.trainer
-        has_run = (self.run_dir / "metrics.jsonl").exists() or bool(list_checkpoints(self.ckpt_root))
-        if has_run and not t.resume and not t.overwrite:
-            raise ConfigError(f"trainer.output_dir: {self.run_dir} already holds a run; set trainer.resume=auto "
-                              f"to continue it or trainer.overwrite=true to replace it")
-        self._replace_old_run = has_run and t.overwrite and not t.resume  # done once everything else checked out
-        check_free_disk(self.run_dir.parent, t.min_free_disk_mb)  # fail before training, not at the first save
-
     def _layout(self) -> dict:
         """What the saved data position and RNG states mean; a resume must keep it to be exact."""
         return {"trainer.micro_batch_size": self.cfg.trainer.micro_batch_size, "data.seq_len": self.cfg.data.seq_len,

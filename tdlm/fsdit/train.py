@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: `python tdlm/fsdit/train.py` /
 import torch
 import yaml
 
-from tdlm.checkpoint import (check_free_disk, list_checkpoints, prune_checkpoints, read_state, resolve_resume,
+from tdlm.checkpoint import (check_run_dir, list_checkpoints, prune_checkpoints, read_state, resolve_resume,
                              save_checkpoint)
 from tdlm.config import ConfigError
 from tdlm.faults import NonFiniteWatch, StopSignal
@@ -65,7 +65,7 @@ class Trainer:
         self.accelerator = acc = make_accelerator(cfg)
         self.device = acc.device
         self.run_dir, self.ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
-        self._check_run_dir()
+        self._replace_old_run = check_run_dir(self.run_dir, self.ckpt_root, cfg.trainer)
         torch.manual_seed(c.trainer.seed)
         self._build_data()
         self.resume_from = resolve_resume(c.trainer.resume, self.ckpt_root)
@@ -111,15 +111,6 @@ class Trainer:
             self.metrics.load_state_dict(self._metric_state, rank=acc.process_index)
 
     # -------------------------------------------------------------------------------------------- set-up
-    def _check_run_dir(self):
-        t = self.cfg.trainer
-        has_run = (self.run_dir / "metrics.jsonl").exists() or bool(list_checkpoints(self.ckpt_root))
-        if has_run and not t.resume and not t.overwrite:
-            raise ConfigError(f"trainer.output_dir: {self.run_dir} already holds a run; set trainer.resume=auto "
-                              f"to continue it or trainer.overwrite=true to replace it")
-        self._replace_old_run = has_run and t.overwrite and not t.resume
-        check_free_disk(self.run_dir.parent, t.min_free_disk_mb)
-
     def _build_data(self):
         """Images, class-disjoint episodes, SigLIP embeddings (computed once), the VAE, and the fixed sets."""
         c, acc = self.cfg, self.accelerator
