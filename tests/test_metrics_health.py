@@ -55,6 +55,35 @@ def test_each_rule_fires(rule, capsys):
     assert [r.stop for r, _ in hits] == [rule == "nonfinite_loss"]
 
 
+def test_a_rule_that_keeps_firing_warns_once_until_it_clears(capsys):
+    from tdlm.metrics.core import MetricRunner
+
+    class Rows:
+        def __init__(self):
+            self.rows = []
+
+        def log(self, values, step):
+            self.rows.append((step, values["health/mask_accuracy_low"]))
+
+    sink = Rows()
+    runner = MetricRunner([], {"essential": 1}, last_step=10**6, sinks=[sink],
+                          health=HealthMonitor(TEXT_RULES, {}, warmup_steps=100))
+    low = {**HEALTHY, **FIRES["mask_accuracy_low"]}
+    for step, values in [(1000, low), (1100, low), (1200, low), (1300, HEALTHY), (1400, low), (1500, low)]:
+        runner.log(step, values)
+    assert sink.rows == [(1000, 1.0), (1100, 1.0), (1200, 1.0), (1300, 0.0), (1400, 1.0), (1500, 1.0)]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("warning: health/mask_accuracy_low at step 1000: ")
+    assert lines[1] == "health/mask_accuracy_low cleared at step 1300"
+    assert lines[2].startswith("warning: health/mask_accuracy_low at step 1400: ")
+    # the firing state is part of the checkpointed health memory
+    again = HealthMonitor(TEXT_RULES, {}, warmup_steps=100)
+    again.load_state_dict(runner.health.state_dict())
+    again.check(1600, low)
+    assert again.started == [] and again.firing == {"mask_accuracy_low"}
+
+
 def test_low_side_of_the_gradient_ratio_and_inf_loss():
     assert fired({**HEALTHY, "research/gradient_norm_ratio_high_to_low": 0.09})[1] == {"gradient_ratio_extreme"}
     assert fired({**HEALTHY, "train/loss": math.inf})[1] == {"nonfinite_loss"}

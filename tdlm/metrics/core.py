@@ -294,10 +294,13 @@ class MetricRunner:
             flags, fired = self.health.check(step, values)
             values.update(flags)
             for rule, message in fired:
-                if self.is_main:
+                if self.is_main and (rule.stop or rule.name in self.health.started):
                     print(f"warning: {message}", file=sys.stderr, flush=True)
                 if rule.stop:
                     stops.append((rule, message))
+            if self.is_main:
+                for name in self.health.cleared:
+                    print(f"health/{name} cleared at step {step}", file=sys.stderr, flush=True)
         for sink in self.sinks:
             sink.log(values, step)
         return stops

@@ -53,7 +53,9 @@ def render(registry: Registry, rules, title: str, intro: str) -> str:
             out += [f"| `{s.name}` | {s.unit} | {p} | {_cell(s.description)} |" for p, s in external]
     out += ["", "## Health rules", "",
             "Each rule is evaluated on every log call whose metrics include one of its inputs; it logs "
-            "`health/<rule>` = 1 when it fires (0 otherwise) and prints one warning line. Rules marked *stop* "
+            "`health/<rule>` = 1 when it fires (0 otherwise) at every evaluation; the console gets one warning "
+            "line when a rule starts firing and one line when it clears (not one per log while it keeps firing; "
+            "a *stop* rule always warns). Rules marked *stop* "
             "end training after logging. Override any parameter in YAML as "
             "`metrics.health.<rule>.<param>`; every rule also takes `enabled` and `after_step` (rules marked "
             "*warm-up* default to `optim.warmup_steps`, the others to 0). NaN inputs (an empty bucket) skip a "
@@ -71,6 +73,9 @@ def render(registry: Registry, rules, title: str, intro: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     check = "--check" in argv
     args = [a for a in argv if a != "--check"]
     target, path = (args + ["tdlm.metrics.text_health:reference_page", "docs/metrics.md"][len(args):])[:2]

@@ -2,8 +2,9 @@
 
 A rule reads a few logged metrics and fires when its condition holds. ``HealthMonitor.check`` runs at every
 log call, on all processes (the values are already synced, so every process decides the same): each rule
-whose inputs were logged in this call yields ``health/<rule>`` = 1 (fired) or 0, fired rules print one
-warning line, and rules marked ``stop`` ask the trainer to stop.
+whose inputs were logged in this call yields ``health/<rule>`` = 1 (fired) or 0, and rules marked ``stop`` ask
+the trainer to stop. The flag is logged at every evaluation; the console gets one warning line when a rule
+starts firing and one line when it clears, not a line per logging step while it keeps firing.
 
 YAML: ``metrics.health.<rule>.<param>: value``; every rule also takes ``enabled`` (default true) and
 ``after_step`` (default 0, or the end of LR warm-up for rules marked ``warmup``).
@@ -66,17 +67,23 @@ class HealthMonitor:
                 self.rules.append(r)
                 self.params[r.name] = p
         self.latest: dict[str, float] = {}
+        self.firing: set[str] = set()  # rules whose last evaluation fired
+        self.started: list[str] = []   # rules of the last check that fired after not firing
+        self.cleared: list[str] = []   # rules of the last check that stopped firing
 
     def state_dict(self) -> dict:
-        return {"latest": {k: float(v) for k, v in self.latest.items() if isinstance(v, (int, float))}}
+        return {"latest": {k: float(v) for k, v in self.latest.items() if isinstance(v, (int, float))},
+                "firing": sorted(self.firing)}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.latest = dict(state.get("latest", {}))
+        self.firing = set(state.get("firing", []))
 
     def check(self, step: int, values: Mapping[str, float]) -> tuple[dict[str, float], list[tuple[Rule, str]]]:
         """Flags for the rules whose inputs appear in ``values`` (others read their latest logged value)."""
         self.latest.update(values)
         flags, fired = {}, []
+        self.started, self.cleared = [], []
         for r in self.rules:
             p = self.params[r.name]
             if step < p["after_step"] or not any(m in values for m in r.metrics):
@@ -88,6 +95,9 @@ class HealthMonitor:
                 continue
             hit = bool(r.check(v, p))
             flags[f"health/{r.name}"] = float(hit)
+            if hit != (r.name in self.firing):
+                (self.started if hit else self.cleared).append(r.name)
+                (self.firing.add if hit else self.firing.discard)(r.name)
             if hit:
                 shown = ", ".join(f"{m}={x:.4g}" for m, x in v.items())
                 limits = ", ".join(f"{k}={x:g}" for k, x in p.items() if k not in ("enabled", "after_step"))
