@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from .config import ConfigError
 
 STATE_FILE = "trainer_state.json"
@@ -51,6 +53,18 @@ def check_run_dir(run_dir: Path, ckpt_root: Path, trainer_section) -> bool:
                           f"to continue it or trainer.overwrite=true to replace it")
     check_free_disk(run_dir.parent, t.min_free_disk_mb)
     return has_run and t.overwrite and not t.resume
+
+
+def prepare_run_dir(accelerator, cfg, replace_old_run: bool) -> None:
+    """Remove the run being overwritten (``check_run_dir`` said so), then, on the main process, create the run
+    directory and write the resolved ``config.yaml`` (with the world size, which an exact resume must match)."""
+    if replace_old_run and accelerator.is_main_process:
+        shutil.rmtree(cfg.run_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(
+            {**cfg.to_dict(), "world_size": accelerator.num_processes}, sort_keys=False))
 
 
 def check_free_disk(root: Path, min_free_mb: int) -> None:

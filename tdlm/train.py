@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -25,16 +24,15 @@ if __package__ in (None, ""):  # run as a script: `python tdlm/train.py` / `acce
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import yaml
 
-from tdlm.checkpoint import (check_run_dir, list_checkpoints, prune_checkpoints, read_state, resolve_resume,
-                             save_checkpoint)
+from tdlm.checkpoint import (check_run_dir, list_checkpoints, prepare_run_dir, prune_checkpoints, read_state,
+                             resolve_resume, save_checkpoint)
 from tdlm.config import ConfigError, RunConfig, load_config
 from tdlm.data import Collator, resolve_data, tokenizer_fingerprint
 from tdlm.diffusion import apply_noise, ar_token_losses, diffusion_token_losses, make_schedule, sample_t
 from tdlm.faults import NonFiniteWatch, StopSignal
 from tdlm.metrics.core import StepInfo
-from tdlm.metrics.sinks import ConsoleSink, JsonlSink, WandbSink
+from tdlm.metrics.sinks import run_sinks
 from tdlm.metrics.text import TEXT
 from tdlm.metrics.text_health import build_text_metrics
 from tdlm.model import TdlmForMaskedDiffusion, build_model
@@ -243,23 +241,11 @@ class Trainer:
         if self.resume_from is not None:
             self._load(self.resume_from)
         self._val_noise = self._make_val_noise()
+        prepare_run_dir(acc, cfg, self._replace_old_run)
         self.sinks = []
-        if self._replace_old_run and acc.is_main_process:
-            shutil.rmtree(self.run_dir)
-        acc.wait_for_everyone()
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(
-                {**cfg.to_dict(), "world_size": acc.num_processes}, sort_keys=False))
             tok.save_pretrained(str(self.run_dir / "tokenizer"))
-            # A resumed run drops what the interrupted one logged after its checkpoint (all of it if none).
-            self.sinks.append(JsonlSink(self.run_dir / "metrics.jsonl", truncate_after_step=self.step))
-            if cfg.metrics.console:
-                self.sinks.append(ConsoleSink())
-            if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
-                sink = WandbSink(cfg.wandb, self.run_dir, cfg.to_dict(), run_id=self.wandb_id, specs=TEXT.specs())
-                self.wandb_id = sink.id
-                self.sinks.append(sink)
+            self.sinks, self.wandb_id = run_sinks(cfg, self.step, self.wandb_id, TEXT.specs())
         # Every process computes (collectors sync sums across processes); only the main one has sinks.
         self.metrics = build_text_metrics(cfg, mask_id=self.mask_id, device=acc.device, sinks=self.sinks,
                                           is_main=acc.is_main_process)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,10 +24,9 @@ if __package__ in (None, ""):  # run as a script: `python tdlm/fsdit/train.py` /
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
-import yaml
 
-from tdlm.checkpoint import (check_run_dir, list_checkpoints, prune_checkpoints, read_state, resolve_resume,
-                             save_checkpoint)
+from tdlm.checkpoint import (check_run_dir, list_checkpoints, prepare_run_dir, prune_checkpoints, read_state,
+                             resolve_resume, save_checkpoint)
 from tdlm.config import ConfigError
 from tdlm.faults import NonFiniteWatch, StopSignal
 from tdlm.fsdit.config import IMAGE_SIZE, FSDiTRunConfig, load_fsdit_config
@@ -39,7 +37,7 @@ from tdlm.fsdit.pipeline import SupportEmbedder, VaeCodec, build_encoder, fixed_
 from tdlm.metrics.core import StepInfo
 from tdlm.metrics.image import IMAGE, FlowBatch, GradView, PerfTimes, SampleRequest, ValResult
 from tdlm.metrics.image_health import build_fsdit_metrics
-from tdlm.metrics.sinks import ConsoleSink, JsonlSink, WandbSink
+from tdlm.metrics.sinks import run_sinks
 from tdlm.train import TrainingStopped, lr_lambda, make_accelerator, run_cli, step_generator
 
 
@@ -103,7 +101,10 @@ class Trainer:
             self._load(self.resume_from)
         if self.ema is not None:
             self.ema.module.eval()  # samples and val/loss_ema: never a random CFG drop
-        self._open_sinks()
+        prepare_run_dir(acc, c, self._replace_old_run)
+        self.sinks = []
+        if acc.is_main_process:
+            self.sinks, self.wandb_id = run_sinks(c, self.step, self.wandb_id, IMAGE.specs())
         pooled_range = 1.5 * float(self.val_set.cond.abs().max())
         self.metrics = build_fsdit_metrics(c, cond_dim=self.embedder.dim, pooled_range=pooled_range,
                                            device=self.device, sinks=self.sinks, is_main=acc.is_main_process)
@@ -181,25 +182,6 @@ class Trainer:
         self.best_val, self.wandb_id = st["best_val"], st.get("wandb_id")
         self.history, self._metric_state = st.get("history", {}), st.get("metrics", {})
         self.accelerator.print(f"resumed from {ckpt} at step {self.step}")
-
-    def _open_sinks(self):
-        c, acc = self.cfg, self.accelerator
-        self.sinks = []
-        if self._replace_old_run and acc.is_main_process:
-            shutil.rmtree(self.run_dir)
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(
-            {**c.to_dict(), "world_size": acc.num_processes}, sort_keys=False))
-        self.sinks.append(JsonlSink(self.run_dir / "metrics.jsonl", truncate_after_step=self.step))
-        if c.metrics.console:
-            self.sinks.append(ConsoleSink())
-        if c.wandb.enabled and c.wandb.mode != "disabled":
-            sink = WandbSink(c.wandb, self.run_dir, c.to_dict(), run_id=self.wandb_id, specs=IMAGE.specs())
-            self.wandb_id = sink.id
-            self.sinks.append(sink)
 
     # -------------------------------------------------------------------------------------------- one step
     def _next_batch(self):

@@ -140,3 +140,17 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def run_sinks(cfg, resume_step: int, run_id: str | None, specs) -> tuple[list, str | None]:
+    """The main process's sinks for a run: ``metrics.jsonl`` (a resumed run drops what the interrupted one logged
+    after its checkpoint, all of it if there was none), the console when ``metrics.console``, wandb when enabled.
+    Returns them and the wandb run id, which checkpoints keep so that a resume continues the same wandb run."""
+    sinks: list = [JsonlSink(cfg.run_dir / "metrics.jsonl", truncate_after_step=resume_step)]
+    if cfg.metrics.console:
+        sinks.append(ConsoleSink())
+    if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
+        wandb_sink = WandbSink(cfg.wandb, cfg.run_dir, cfg.to_dict(), run_id=run_id, specs=specs)
+        sinks.append(wandb_sink)
+        run_id = wandb_sink.id
+    return sinks, run_id
