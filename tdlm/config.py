@@ -167,15 +167,8 @@ class WandbSection:
     tags: list = field(default_factory=list)
 
 
-@dataclass
-class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    trainer: TrainerSection = field(default_factory=TrainerSection)
-    metrics: MetricsSection = field(default_factory=MetricsSection)
-    wandb: WandbSection = field(default_factory=WandbSection)
+class RunPaths:
+    """What both trainers' run configs share: a ``trainer`` section naming the run, and a plain-dict view."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -183,6 +176,17 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.trainer.output_dir) / self.trainer.run_name
+
+
+@dataclass
+class RunConfig(RunPaths):
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    wandb: WandbSection = field(default_factory=WandbSection)
 
 
 _CHOICES = {

@@ -7,13 +7,12 @@ nearest one), wrong types and out-of-range values with a one-line ``ConfigError`
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tdlm.config import (ConfigError, MetricsSection, OptimSection, WandbSection, build_config, check_cadences,
-                         check_values, read_config_data)
+from tdlm.config import (ConfigError, MetricsSection, OptimSection, RunPaths, WandbSection, build_config,
+                         check_cadences, check_values, read_config_data)
 
 
 @dataclass
@@ -124,7 +123,7 @@ class TrainerSection:
 
 
 @dataclass
-class FSDiTRunConfig:
+class FSDiTRunConfig(RunPaths):
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     siglip: SiglipSection = field(default_factory=SiglipSection)
@@ -134,13 +133,6 @@ class FSDiTRunConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     wandb: WandbSection = field(default_factory=WandbSection)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.trainer.output_dir) / self.trainer.run_name
 
 
 IMAGE_SIZE = 32  # CIFAR-100
