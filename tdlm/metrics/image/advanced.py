@@ -62,11 +62,10 @@ class ModelProbe(Collector):
                     self.act_n[i] += h.numel()
                     self.act_abs[i] += h.abs().sum()
                     self.act_sq[i] += h.pow(2).sum()
-                    e, n = Fm.attention_entropy_sums(p, None, None)
-                    self.ent[i] += e
-                    self.ent_n[i] += n
-                e, n = Fm.attention_entropy_by_head(probs[-1])
-                self.head += e
+                    e, n = Fm.attention_entropy_by_head(p)  # the layer's figure is the sum over its heads
+                    self.ent[i] += e.sum()
+                    self.ent_n[i] += n.sum()
+                self.head += e  # the last block's, per head
                 self.head_n += n
         finally:
             for hook in hooks:
