@@ -1,6 +1,10 @@
 """Shared fixtures: a tiny model config and a tiny prepared Markov dataset, built once per session offline."""
 
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +45,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch_two_processes(script, args, config_file="multi_cpu.yaml", extra_env=None, timeout=300):
+    """``accelerate launch`` of ``script`` on 2 CPU processes (1 thread each, fp32) with a configs/accelerate/ file.
+    The launch gets its own process group, so a timeout kills the workers too, not only the launcher."""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", **(extra_env or {}))
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / config_file), "--num_processes", "2",
+           "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", str(script), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"launch timed out after {timeout} s:\n{out[-3000:]}\n{err[-5000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-5000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -10,18 +10,14 @@ run on a clean cache compiles DeepSpeed's shm comm op (about 35 s, g++ and ninja
 
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import tiny_overrides
+from conftest import launch_two_processes, tiny_overrides
 from tdlm.checkpoint import list_checkpoints, read_state
 from tdlm.config import load_config
 from tdlm.model import TdlmForMaskedDiffusion
@@ -29,7 +25,6 @@ from tdlm.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "markov.yaml")
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 # Timing and per-session figures legitimately differ between runs; every other logged number must match.
 NOT_COMPARED = re.compile(r"per_second|time|hours|steps_this_session|memory|mfu")
 
@@ -63,24 +58,8 @@ def assert_same_metrics(ref_dir, run_dir, rel=1e-5):
 
 
 def launch(config_file, args, fault=None):
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
-    if fault:
-        env["TDLM_TEST_FAULT"] = fault
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config_file),
-           "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
-           str(ROOT / "tests" / "fault_entry.py"), CONFIG, *args]
-    # Own process group: on a timeout the workers go too, not only the launcher.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"launch timed out after 300 s:\n{out[-3000:]}\n{err[-5000:]}")
-    assert proc.returncode == 0, out[-3000:] + err[-5000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return launch_two_processes(ROOT / "tests" / "fault_entry.py", [CONFIG, *args], config_file,
+                                {"TDLM_TEST_FAULT": fault} if fault else None)
 
 
 @pytest.fixture(scope="module")

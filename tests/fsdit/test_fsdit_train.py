@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import launch_two_processes
 
 from tdlm.config import ConfigError
 from tdlm.fsdit import flow
@@ -249,27 +250,13 @@ def test_two_processes_match_one_process_over_the_same_global_batch(tmp_path, da
     """DDP over gloo, 2 x 5 episodes per step vs 1 x 10: noise, t and CFG drop are drawn for the global batch,
     losses and metric states are sums, so every metric agrees; only the cosine pairs differ (they are taken
     within each process's micro-batch), and timings."""
-    import os
-    import signal
-    import subprocess
-
     on = {f"metrics.tiers.{t}.enabled": True for t in ("research", "advanced")}
     _, ref = run(overrides(tmp_path, data_root, **on, **{"trainer.run_name": "one"}))
-    root, empty = Path(__file__).resolve().parents[2], tmp_path / "defaults.yaml"
+    empty = tmp_path / "defaults.yaml"
     empty.write_text("{}\n")  # all defaults, as the in-process run
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(root / "configs" / "accelerate" / "multi_cpu.yaml"), "--num_processes", "2",
-           "--num_cpu_threads_per_process", "1", "--mixed_precision", "no", str(root / "tdlm" / "fsdit" / "train.py"),
-           str(empty), *overrides(tmp_path, data_root, **on, **{"trainer.run_name": "two", "trainer.batch_size": 5})]
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    script = Path(__file__).resolve().parents[2] / "tdlm" / "fsdit" / "train.py"
+    launch_two_processes(script, [str(empty), *overrides(tmp_path, data_root, **on, **{"trainer.run_name": "two",
+                                                                                         "trainer.batch_size": 5})])
     got = {json.loads(x)["step"]: json.loads(x) for x in (tmp_path / "runs" / "two" / "metrics.jsonl")
            .read_text().splitlines()}
     compared = 0
