@@ -106,10 +106,18 @@ class NoisedBatch:
     weight: torch.Tensor      # (B,) w(t), float32
 
 
+def noise_mask(t: torch.Tensor, uniforms: torch.Tensor, schedule: NoiseSchedule,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) bool: token i of row b is masked when its uniform is below 1 - alpha(t_b), pads (``~valid``) never.
+    Needs no token ids, so it runs wherever the noise is (the trainer draws it on the host)."""
+    masked = uniforms < schedule.mask_prob(t)[:, None]
+    return masked if valid is None else masked & valid
+
+
 def apply_noise(input_ids: torch.Tensor, valid: torch.Tensor, t: torch.Tensor, uniforms: torch.Tensor,
                 schedule: NoiseSchedule, mask_token_id: int) -> NoisedBatch:
     """Mask each valid token independently with probability 1 - alpha(t); vectorised over the batch."""
-    masked = (uniforms < schedule.mask_prob(t)[:, None]) & valid
+    masked = noise_mask(t, uniforms, schedule, valid)
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
     return NoisedBatch(noisy, masked, t, schedule.weight(t.float()))
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .diffusion import NoiseSchedule, ar_token_losses, diffusion_token_losses
+from .diffusion import NoiseSchedule, ar_token_losses, diffusion_token_losses, noise_mask
 
 ESTIMATORS = ("stratified", "iid", "exact-k")
 
@@ -97,7 +97,7 @@ class NelboEstimator:
             if self.name == "stratified":
                 u_t = (self._strata(pass_idx)[index.cpu()].double() + u_t) / self.n
             t = self.t_min + (1.0 - self.t_min) * u_t  # (B,) float64
-            masked = (u[:, 1:] < self.schedule.mask_prob(t)[:, None]) & valid_cpu
+            masked = noise_mask(t, u[:, 1:], self.schedule, valid_cpu)
             weight = self.schedule.weight(t)
         return masked.to(valid.device), weight.to(valid.device)
 

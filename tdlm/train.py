@@ -29,7 +29,7 @@ from tdlm.checkpoint import (check_run_dir, list_checkpoints, prepare_run_dir, p
                              resolve_resume, save_checkpoint)
 from tdlm.config import ConfigError, RunConfig, load_config
 from tdlm.data import Collator, resolve_data, tokenizer_fingerprint
-from tdlm.diffusion import apply_noise, ar_token_losses, diffusion_token_losses, make_schedule, sample_t
+from tdlm.diffusion import ar_token_losses, diffusion_token_losses, make_schedule, noise_mask, sample_t
 from tdlm.faults import NonFiniteWatch, StopSignal
 from tdlm.metrics.core import StepInfo
 from tdlm.metrics.sinks import run_sinks
@@ -307,17 +307,16 @@ class Trainer:
             logits = model(ids, attn)
             nll, tgt_valid = ar_token_losses(logits, ids, valid)
             return StepOutputs(nll.sum(), tgt_valid.sum(), ids, valid, token_ce=nll, logits=logits)
-        if attn is None:  # every position is valid: the mask depends on the noise alone
-            masked = uniforms < self.schedule.mask_prob(t)[:, None]
-            positions = masked.flatten().nonzero().squeeze(1)  # host-side when the noise is on the host
-            weight = self.schedule.weight(t.float())
-            masked, positions, t, weight = (to_device(x, ids.device) for x in (masked, positions, t, weight))
-            noisy = torch.where(masked, torch.full_like(ids, self.mask_id), ids)
-        else:
-            nb = apply_noise(ids, valid, to_device(t, ids.device), to_device(uniforms, ids.device), self.schedule,
-                             self.mask_id)
-            noisy, masked, t, weight = nb.noisy_ids, nb.masked, nb.t, nb.weight
+        if attn is None:  # every position is valid: the mask depends on the noise alone, on the host
+            masked = noise_mask(t, uniforms, self.schedule)
             positions = masked.flatten().nonzero().squeeze(1)
+            masked, positions, t = (to_device(x, ids.device) for x in (masked, positions, t))
+        else:
+            t = to_device(t, ids.device)
+            masked = noise_mask(t, to_device(uniforms, ids.device), self.schedule, valid)
+            positions = masked.flatten().nonzero().squeeze(1)
+        weight = self.schedule.weight(t.float())
+        noisy = torch.where(masked, torch.full_like(ids, self.mask_id), ids)
         logits = model(noisy, attn, logits_index=positions)
         ce = diffusion_token_losses(logits, ids.flatten()[positions])
         w = weight[positions // ids.shape[1]]
