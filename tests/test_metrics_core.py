@@ -190,11 +190,8 @@ def test_pearson_and_std_from_moments_match_scipy_and_merge():
     assert Fm.pearson_from_moments(Fm.moments(torch.tensor([1.0, 2]), torch.tensor([3.0, 3]))).isnan()  # constant
 
 
-def test_masked_positions_match_boolean_indexing():
+def test_mask_ratio_buckets_match_the_bucketized_ratio():
     masked = torch.rand(5, 7, generator=torch.Generator().manual_seed(0)) < 0.4
-    ids = torch.arange(35).view(5, 7)
-    pos = Fm.masked_positions(masked, int(masked.sum()))
-    assert torch.equal(ids.flatten()[pos], ids[masked])  # same tokens, same order
     rows, ratio_bucket = Fm.mask_ratio_buckets(masked, torch.ones_like(masked), (0.3, 0.7))
     assert torch.equal(rows, Fm.bucketize_ratio(masked.double().mean(1), (0.3, 0.7))) and ratio_bucket.all()
 

@@ -31,7 +31,8 @@ def hand_batch():
     w = 1 / t
     ce = F.cross_entropy(logits, ids[masked], reduction="none")
     w_tok = w[torch.tensor([0, 1, 1, 2, 2, 2])]
-    return StepOutputs((w_tok * ce).sum(), valid.sum(), ids, valid, masked, t, w, ce, logits), w_tok
+    positions = masked.flatten().nonzero().squeeze(1)
+    return StepOutputs((w_tok * ce).sum(), valid.sum(), ids, valid, masked, t, w, ce, logits, positions), w_tok
 
 
 def feed(collector, out, step=1):
@@ -90,7 +91,9 @@ def model_outputs(model, ids, masked, t, clip=0.0):
     w = 1 / t
     rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)[masked]
     w_tok = w[rows].clamp(max=clip) if clip else w[rows]
-    return StepOutputs((w_tok * ce).sum(), valid.sum(), ids, valid, masked, t, w, ce, logits), w_tok, rows
+    positions = masked.flatten().nonzero().squeeze(1)
+    return (StepOutputs((w_tok * ce).sum(), valid.sum(), ids, valid, masked, t, w, ce, logits, positions), w_tok,
+            rows)
 
 
 @pytest.mark.parametrize("clip", [0.0, 3.0])

@@ -48,16 +48,6 @@ def bucketize_ratio(r: torch.Tensor, edges: tuple[float, ...]) -> torch.Tensor:
     return torch.bucketize(r, torch.tensor(edges, dtype=r.dtype, device=r.device), right=True)
 
 
-def masked_positions(masked: torch.Tensor, count: int) -> torch.Tensor:
-    """(count,) flat indices of the True entries of a (B, L) mask, row-major, i.e. the order of ``x[masked]``.
-
-    ``count`` (the number of True entries) is known on the host from a tensor already indexed by the mask
-    (the (M, V) logits), so a stable sort finds the positions without the device-to-host sync that boolean
-    indexing costs on a GPU.
-    """
-    return torch.argsort((~masked).flatten().to(torch.uint8), stable=True)[:count]
-
-
 def mask_ratio_buckets(masked: torch.Tensor, valid: torch.Tensor,
                        edges: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) bucket of each sequence by its realised mask ratio (masked / valid), and (B,) has-valid-tokens."""

@@ -43,13 +43,9 @@ def _diffusion_only(cls):
 
 # ---------------------------------------------------------------------------------------------------- shared
 # Derived per-micro-batch tensors, computed once per update call whichever collectors read them, without host
-# syncs (no boolean indexing: masked positions come with the batch, or from a sort, their count from the logits'
-# shape).
+# syncs (no boolean indexing: the masked positions come with the batch, as the loss's flat index).
 def _positions(inputs) -> torch.Tensor:
-    out = inputs["batch"]
-    if out.positions is not None:
-        return out.positions
-    return inputs.cached("positions", lambda: Fm.masked_positions(out.masked, out.logits.shape[0]))
+    return inputs["batch"].positions
 
 
 def _token_rows(inputs) -> torch.Tensor:
