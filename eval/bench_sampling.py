@@ -19,20 +19,20 @@ import argparse
 import torch
 
 from bench_common import emit, interleaved, machine_state, median, ratio, set_threads, spread, uncontended
-from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion
+from tdlm.model import TdlmConfig, TdlmForMaskedOrCausalLM
 
 from tdlm.sampling import SamplerConfig, generate
 
 MASK_ID = 0
 
 
-def load_model(a) -> TdlmForMaskedDiffusion:
+def load_model(a) -> TdlmForMaskedOrCausalLM:
     if a.checkpoint:
-        return TdlmForMaskedDiffusion.from_pretrained(a.checkpoint).eval()
+        return TdlmForMaskedOrCausalLM.from_pretrained(a.checkpoint).eval()
     torch.manual_seed(0)
     cfg = TdlmConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
                      max_seq_len=a.seq_len, mask_token_id=MASK_ID)
-    return TdlmForMaskedDiffusion(cfg).eval()
+    return TdlmForMaskedOrCausalLM(cfg).eval()
 
 
 def arms_for(model, batch: int, seq_len: int, mask_id: int, outputs: dict) -> dict:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from bench_common import emit, interleaved, machine_state, median, ratio, set_threads, spread, uncontended
 from tdlm.config import OptimSection, RunConfig
 from tdlm.diffusion import apply_noise, make_schedule, sample_t
-from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion, linear, onednn_mm
+from tdlm.model import TdlmConfig, TdlmForMaskedOrCausalLM, linear, onednn_mm
 from tdlm.train import Trainer, build_optimizer
 
 PRESETS = {
@@ -57,11 +57,11 @@ MASK_ID, PAD_ID = 0, 1
 # Models and steps
 
 
-def build_tdlm(a) -> TdlmForMaskedDiffusion:
+def build_tdlm(a) -> TdlmForMaskedOrCausalLM:
     cfg = TdlmConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
                      intermediate_size=8 * a.hidden // 3, max_seq_len=a.seq_len, mask_token_id=MASK_ID,
                      pad_token_id=PAD_ID)
-    return TdlmForMaskedDiffusion(cfg)
+    return TdlmForMaskedOrCausalLM(cfg)
 
 
 def build_bert(a) -> nn.Module:

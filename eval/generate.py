@@ -33,7 +33,8 @@ from tdlm.sampling import METHODS, STEP_SCHEDULES, SamplerConfig, build_canvas, 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=64, help="reverse steps in total (over all blocks)")
     p.add_argument("--method", default="ancestral", choices=METHODS)
-    p.add_argument("--step-schedule", default="linear", choices=STEP_SCHEDULES)
+    p.add_argument("--step-schedule", default=None, choices=STEP_SCHEDULES,
+                   help="unmasking curve (a noise schedule's); default: the schedule the checkpoint was trained under")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -1,24 +1,17 @@
-"""Typed run configuration: nested dataclasses loaded from YAML plus dotted ``key=value`` overrides.
+"""The text run configuration: the model, data, diffusion and sample sections beside the shared loop, optimizer,
+metrics and wandb sections of ``tdlm.engine.config`` (whose loader they use).
 
-Every section is a dataclass whose fields are the only accepted keys. Loading checks unknown keys (naming the
-nearest valid one), types and ranges, and raises ``ConfigError`` with a one-line message naming the dotted key.
+``load_config(path, overrides)`` rejects unknown keys (naming the nearest one), wrong types and out-of-range
+values with a one-line ``ConfigError`` that names the dotted key.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A bad configuration value, key or file; the message is one line naming the culprit."""
+from tdlm.engine.config import (ConfigError, MetricsSection, OptimSection, RunPaths, TrainerSection,  # noqa: F401
+                                WandbSection, build_config, check_values, load, validate_shared)
 
 
 @dataclass
@@ -54,6 +47,9 @@ class DataSection:
     packing: bool = True
     """True: documents joined with BOS/EOS and cut into full blocks. False: one document per row, right-padded."""
     val_fraction: float = 0.05
+    eval_batches: int = 0
+    """Validation batches scored at each evaluation (global, so any number of processes scores the same rows);
+    0 = the whole validation split."""
     max_documents: int = 0
     """0 = all documents."""
     num_proc: int = 1
@@ -80,102 +76,11 @@ class DiffusionSection:
 
 
 @dataclass
-class OptimSection:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    """On matrices only (not embeddings, norms). With beta2 below: the nanoGPT/LLaMA settings."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    """0.95, not 0.98: the 1/t-weighted NELBO gradient is heavy-tailed (a sequence with small t weighs up to
-    1/t_min), and with beta2=0.98 one such step shrinks the updates for long enough that the quickstart model
-    stayed at its unigram plateau for 700+ steps (val loss 6.58, context ignored); 0.95 with weight decay 0.1
-    reaches 6.11 in 600 steps (docs/diffusion.md)."""
-    eps: float = 1e-8
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    fused: bool = True
-    """Fused AdamW kernel (CPU and CUDA): one pass per step instead of ~10 ops per tensor (eval/bench_train.py)."""
-
-
-@dataclass
-class TrainerSection:
-    output_dir: str = "runs"
-    run_name: str = "tdlm"
-    seed: int = 0
-    max_steps: int = 500
-    micro_batch_size: int = 16
-    """Per process, per micro-step."""
-    grad_accum_steps: int = 1
-    eval_every_n_steps: int = 100
-    eval_batches: int = 0
-    """0 = the whole validation split."""
-    save_every_n_steps: int = 250
-    keep_last: int = 2
-    ema_decay: float = 0.0
-    """0 = no EMA; otherwise the EMA weights are evaluated and saved beside the raw ones."""
-    resume: str = ""
-    """'' = fresh run; auto = latest checkpoint of this run; or a checkpoint directory."""
-    overwrite: bool = False
-    mixed_precision: str = "auto"
-    """auto = bf16 on a GPU, fp32 on a CPU (bf16 is slower on CPUs without AMX)."""
-    num_workers: int = 0
-    compile: bool = False
-    """torch.compile the model's training forward/backward (not evaluation or sampling). On the 2-core CPU it
-    took ~20-30 s to compile and made the step ~1.15x faster (docs/performance.md); not with DeepSpeed."""
-    sample_at_end: int = 3
-    sample_steps: int = 64
-    progress_bar: bool = True
-    min_free_disk_mb: int = 50
-
-
-@dataclass
-class TierSection:
-    enabled: bool = False
-
-
-@dataclass
-class TiersSection:
-    essential: TierSection = field(default_factory=lambda: TierSection(enabled=True))
-    research: TierSection = field(default_factory=TierSection)
-    advanced: TierSection = field(default_factory=TierSection)
-
-
-@dataclass
-class MetricsSection:
-    tiers: TiersSection = field(default_factory=TiersSection)
-    """Which collector tiers run (docs/metrics.md lists every metric by tier)."""
-    logging_steps: int = 100
-    """Cadence of the essential tier; every other cadence (and trainer.eval_every_n_steps) is a multiple."""
-    detailed_metrics_steps: int = 500
-    """Cadence of the research tier (its per-bucket gradient norms cost 3 extra backward passes then)."""
-    attention_analysis_steps: int = 2000
-    """Cadence of the advanced tier (one extra forward with explicit attention probabilities then)."""
-    console: bool = True
-    """Print each logged step as one line on stdout (beside metrics.jsonl and wandb)."""
-    health: dict = field(default_factory=dict)
-    """Health-rule overrides: {rule: {param: value, enabled: bool, after_step: int}} (docs/metrics.md)."""
-
-
-@dataclass
-class WandbSection:
-    enabled: bool = False
-    project: str = "tdlm"
-    entity: str = ""
-    mode: str = "auto"
-    """auto = online when an API key is configured, else offline; online | offline | disabled."""
-    tags: list = field(default_factory=list)
-
-
-class RunPaths:
-    """What both trainers' run configs share: a ``trainer`` section naming the run, and a plain-dict view."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.trainer.output_dir) / self.trainer.run_name
+class SampleSection:
+    at_end: int = 3
+    """Samples printed when training ends (0 = none)."""
+    steps: int = 64
+    """Reverse steps of the ancestral sampler (on the model's own noise schedule)."""
 
 
 @dataclass
@@ -184,6 +89,7 @@ class RunConfig(RunPaths):
     data: DataSection = field(default_factory=DataSection)
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    sample: SampleSection = field(default_factory=SampleSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     wandb: WandbSection = field(default_factory=WandbSection)
@@ -192,114 +98,19 @@ class RunConfig(RunPaths):
 _CHOICES = {
     "data.source": ("stdlib", "markov", "files", "hub", "prepared"),
     "diffusion.schedule": ("linear", "cosine", "loglinear"),
-    "trainer.mixed_precision": ("auto", "no", "fp16", "bf16"),
-    "wandb.mode": ("auto", "online", "offline", "disabled"),
 }
 _POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len", "data.seq_len",
-             "data.vocab_size", "trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum_steps",
-             "trainer.eval_every_n_steps", "trainer.save_every_n_steps", "trainer.keep_last", "optim.lr",
-             "metrics.logging_steps", "metrics.detailed_metrics_steps", "metrics.attention_analysis_steps",
-             "data.num_proc", "data.markov_order", "data.markov_symbols", "data.markov_tokens")
-_NON_NEGATIVE = ("model.vocab_size", "model.intermediate_size", "data.max_documents", "diffusion.clip_weight",
-                 "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "trainer.eval_batches",
-                 "trainer.num_workers", "trainer.sample_at_end", "trainer.min_free_disk_mb")
-_UNIT = {  # key: (low, high, high inclusive)
-    "model.dropout": (0.0, 1.0, False), "optim.beta1": (0.0, 1.0, False), "optim.beta2": (0.0, 1.0, False),
-    "optim.min_lr_ratio": (0.0, 1.0, True),
-}
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check ``value`` against the annotated type; ints are accepted where floats are expected.
-
-    ``X | None`` accepts null; ``Literal[...]`` accepts one of its values (the error lists them).
-    """
-    origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        if value is None:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        typ = rest[0] if len(rest) == 1 else typ
-        origin, args = typing.get_origin(typ), typing.get_args(typ)
-    if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML reads 1e-3 as a string
-        except ValueError:
-            pass
-    expected = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}.get(
-        getattr(typ, "__name__", str(typ)), typ)
-    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected.__name__}, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
-        typ = hints[key]
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = _build(typ, value if value is not None else {}, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, typ, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _get(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-def check_values(cfg: Any, choices: dict | None = None, positive: tuple = (), non_negative: tuple = (),
-                 unit: dict | None = None) -> None:
-    """Generic range checks by dotted key: ``choices`` {key: allowed values}, ``positive`` (> 0),
-    ``non_negative`` (>= 0), ``unit`` {key: (low, high, high inclusive)}. Raises ``ConfigError`` naming the key."""
-    for key, allowed in (choices or {}).items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in positive:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
-    for key in non_negative:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
-    for key, (low, high, closed) in (unit or {}).items():
-        v = _get(cfg, key)
-        if not (low <= v <= high if closed else low <= v < high):
-            raise ConfigError(f"{key}: must be in [{low:g}, {high:g}{']' if closed else ')'}, got {v}")
-
-
-def check_cadences(metrics: MetricsSection, eval_every: int, eval_key: str = "trainer.eval_every_n_steps") -> None:
-    """Every tier cadence and the evaluation cadence are multiples of ``metrics.logging_steps`` (aligned panels)."""
-    for key in ("detailed_metrics_steps", "attention_analysis_steps"):
-        if getattr(metrics, key) % metrics.logging_steps:
-            raise ConfigError(f"metrics.{key}: {getattr(metrics, key)} is not a multiple of metrics.logging_steps "
-                              f"{metrics.logging_steps}; cadences must align")
-    if eval_every % metrics.logging_steps:
-        raise ConfigError(f"{eval_key}: {eval_every} is not a multiple of metrics.logging_steps "
-                          f"{metrics.logging_steps}; cadences must align")
+             "data.vocab_size", "data.num_proc", "data.markov_order", "data.markov_symbols", "data.markov_tokens",
+             "sample.steps")
+_NON_NEGATIVE = ("model.vocab_size", "model.intermediate_size", "data.max_documents", "data.eval_batches",
+                 "diffusion.clip_weight", "sample.at_end")
+_UNIT = {"model.dropout": (0.0, 1.0, False)}
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Range and consistency checks; each failure names its dotted key."""
+    validate_shared(cfg)
     check_values(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE, _UNIT)
-    if not cfg.optim.eps > 0:
-        raise ConfigError(f"optim.eps: must be > 0, got {cfg.optim.eps}")
     if not 0.0 <= cfg.diffusion.t_min < 1.0:
         raise ConfigError(f"diffusion.t_min: must be in [0, 1), got {cfg.diffusion.t_min}")
     if not 0.0 < cfg.diffusion.loglinear_eps < 1.0:
@@ -310,9 +121,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"model.num_heads: hidden_size {cfg.model.hidden_size} must split into heads of even size")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
-    if not 0.0 <= cfg.trainer.ema_decay < 1.0:
-        raise ConfigError(f"trainer.ema_decay: must be in [0, 1), got {cfg.trainer.ema_decay}")
-    check_cadences(cfg.metrics, cfg.trainer.eval_every_n_steps)
     if cfg.data.source == "files" and not cfg.data.paths:
         raise ConfigError("data.paths: source=files needs at least one file")
     if cfg.data.source == "hub" and not cfg.data.hub_name:
@@ -320,48 +128,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override '{item}': expected dotted key=value, e.g. trainer.max_steps=50")
-    key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
-
-
-def read_config_data(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
-    """The raw mapping of a YAML file (None: empty) with dotted ``a.b=c`` overrides applied, before typing."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{k}' is not a section")
-        node[keys[-1]] = value
-    return data
-
-
-def build_config(cls: type, data: dict) -> Any:
-    """A root config dataclass ``cls`` from a raw mapping: unknown keys and wrong types raise ``ConfigError``."""
-    return _build(cls, data, "")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
     """Read a YAML file (may be None for all defaults), apply ``a.b=c`` overrides, build and validate."""
-    return validate(build_config(RunConfig, read_config_data(path, overrides)))
+    return load(RunConfig, validate, path, overrides)
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    return validate(_build(RunConfig, data, ""))
+    return validate(build_config(RunConfig, data))

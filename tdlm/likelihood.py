@@ -33,14 +33,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .diffusion import NoiseSchedule, ar_token_losses, diffusion_token_losses, noise_mask
+from .diffusion import NoiseSchedule, noise_mask
+from .engine.randomness import keyed_generator
+from .objective import autoregressive_outputs, masked_diffusion_outputs, sequence_sums
 
 ESTIMATORS = ("stratified", "iid", "exact-k")
 
 
 def noise_generator(seed: int, pass_idx: int, index: int) -> torch.Generator:
     """The generator for one (pass, sequence): a function of the global index only, never of the rank."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + pass_idx * 998_244_353 + index * 7_919 + 17) % 2**63)
+    return keyed_generator(seed, index, salt=pass_idx * 998_244_353 + 17)
 
 
 class NelboEstimator:
@@ -63,7 +65,7 @@ class NelboEstimator:
     def _strata(self, pass_idx: int) -> torch.Tensor:
         """Stratum of every sequence in this pass: one permutation of 0..N-1, the same on every process."""
         if pass_idx not in self._perms:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + pass_idx * 998_244_353 + 424_242) % 2**63)
+            g = keyed_generator(self.seed, 0, salt=pass_idx * 998_244_353 + 424_242)
             self._perms[pass_idx] = torch.randperm(self.n, generator=g)
         return self._perms[pass_idx]
 
@@ -105,20 +107,18 @@ class NelboEstimator:
 @torch.no_grad()
 def sequence_nelbo(model, ids: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, mask_token_id: int,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sequence weighted CE over masked positions, (B,) float64 (CE in float32 as in training)."""
-    B = ids.shape[0]
-    noisy = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
-    logits = model(noisy, attention_mask, logits_mask=masked)  # (M, V)
-    ce = diffusion_token_losses(logits, ids[masked]).double()  # (M,)
-    rows = torch.arange(B, device=ids.device)[:, None].expand_as(ids)[masked]  # (M,)
-    return torch.zeros(B, dtype=torch.float64, device=ids.device).index_add_(0, rows, ce * weight[rows])
+    """Per-sequence weighted CE over masked positions, (B,) float64: ``tdlm.objective``, as in training."""
+    positions = masked.flatten().nonzero().squeeze(1)
+    # ``valid`` only sets the outputs' token count, which the NELBO column does not use
+    out = masked_diffusion_outputs(model, ids, masked, masked, positions, weight, mask_token_id, attention_mask)
+    return sequence_sums(out)[:, 0]
 
 
 @torch.no_grad()
 def sequence_ar_nll(model, ids: torch.Tensor, valid: torch.Tensor, attention_mask=None):
     """Exact next-token NLL per sequence (B,) float64 and its number of targets (B,)."""
-    nll, tgt_valid = ar_token_losses(model(ids, attention_mask), ids, valid)
-    return nll.double().sum(1), tgt_valid.double().sum(1)
+    sums = sequence_sums(autoregressive_outputs(model, ids, valid, attention_mask))
+    return sums[:, 0], sums[:, 1]
 
 
 @dataclass
@@ -201,10 +201,11 @@ def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: 
                           seed: int = 0, t_min: float | None = None, batch_size: int = 16,
                           max_sequences: int = 0) -> dict:
     """Perplexity of a loaded checkpoint (``tdlm.runs.load_checkpoint``) as the dict eval/perplexity.py prints:
-    the NELBO bound with its Monte-Carlo stderr (schedule and t_min from the run's config unless given), or the
-    exact AR perplexity (stderr 0)."""
+    the NELBO bound with its Monte-Carlo stderr, or the exact AR perplexity (stderr 0). The schedule and t_min
+    are the checkpoint's own (saved in its model config), so a checkpoint scored outside its run directory uses
+    them too; ``t_min`` overrides."""
     from .data import Collator
-    from .diffusion import make_schedule
+    from .model import noise_schedule
 
     tok, cfg = ck.tokenizer, ck.config
     seq_len = cfg.data.seq_len if cfg else ck.model.config.max_seq_len
@@ -212,12 +213,12 @@ def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: 
         ds = eval_split(split, tok, seq_len, cfg, data_dir, text_files, max_sequences)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=Collator(tok.pad_token_id))
     model, dl = accelerator.prepare(ck.model, dl)
-    schedule_name = cfg.diffusion.schedule if cfg else "linear"
-    t_min = t_min if t_min is not None else (cfg.diffusion.t_min if cfg else 1e-3)
+    mc = ck.model.config  # the schedule the checkpoint was trained under (saved with the model)
+    schedule_name = mc.schedule
+    t_min = t_min if t_min is not None else mc.t_min
     est = None
     if not ck.causal:
-        schedule = make_schedule(schedule_name, cfg.diffusion.loglinear_eps if cfg else 1e-3)
-        est = NelboEstimator(estimator, schedule, t_min, seed, len(ds))
+        est = NelboEstimator(estimator, noise_schedule(mc), t_min, seed, len(ds))
     passes = 1 if ck.causal else passes
     res = evaluate(model, dl, accelerator, tok.pad_token_id, tok.mask_token_id, ck.causal, est, passes)
     del model, dl  # prepared objects must not outlive the accelerator (gloo teardown)

@@ -2,7 +2,8 @@
 
 Bidirectional by default (the masked-diffusion denoiser, no time conditioning, as MDLM/LLaDA/SMDM); with
 ``causal=True`` the same weights shape trains autoregressively for the AR baseline. Being a ``PreTrainedModel``
-with its own ``TdlmConfig``, checkpoints load with ``TdlmForMaskedDiffusion.from_pretrained(dir)``.
+with its own ``TdlmConfig`` (which also records the noise schedule it was trained under), checkpoints load with
+``TdlmForMaskedOrCausalLM.from_pretrained(dir)``: the class name says both uses.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class TdlmConfig(PretrainedConfig):
     def __init__(self, vocab_size: int = 4096, hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
                  intermediate_size: int = 0, max_seq_len: int = 512, rope_theta: float = 10000.0,
                  dropout: float = 0.0, tie_embeddings: bool = True, causal: bool = False,
-                 mask_token_id: int = 0, pad_token_id: int = 1, **kwargs):
+                 mask_token_id: int = 0, pad_token_id: int = 1, schedule: str = "linear", t_min: float = 1e-3,
+                 loglinear_eps: float = 1e-3, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -34,6 +36,11 @@ class TdlmConfig(PretrainedConfig):
         self.tie_embeddings = tie_embeddings
         self.causal = causal
         self.mask_token_id = mask_token_id
+        # The noise schedule the model was trained under (diffusion.*): evaluation and sampling of a checkpoint
+        # read it from here, so a checkpoint scored outside its run directory still uses its own schedule.
+        self.schedule = schedule
+        self.t_min = t_min
+        self.loglinear_eps = loglinear_eps
         kwargs.setdefault("tie_word_embeddings", tie_embeddings)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
@@ -99,7 +106,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict keys) whose CPU fp32 product goes through ``linear``."""
 
-    cpu_gemm = "onednn"  # "aten" = plain F.linear; set per model with TdlmForMaskedDiffusion.set_cpu_gemm
+    cpu_gemm = "onednn"  # "aten" = plain F.linear; set per model with TdlmForMaskedOrCausalLM.set_cpu_gemm
 
     def forward(self, x):
         return linear(x, self.weight, self.bias, self.cpu_gemm)
@@ -175,7 +182,7 @@ class Block(nn.Module):
         return x, probs
 
 
-class TdlmForMaskedDiffusion(PreTrainedModel):
+class TdlmForMaskedOrCausalLM(PreTrainedModel):
     """Token ids -> logits over the vocabulary. ``attention_mask`` (B, L) marks valid (non-pad) keys."""
 
     config_class = TdlmConfig
@@ -210,7 +217,7 @@ class TdlmForMaskedDiffusion(PreTrainedModel):
             block.mlp.down._is_residual = True
         super().post_init()
 
-    def set_cpu_gemm(self, backend: str) -> "TdlmForMaskedDiffusion":
+    def set_cpu_gemm(self, backend: str) -> "TdlmForMaskedOrCausalLM":
         """"onednn" (default) or "aten": which GEMM the linear layers use for fp32 on CPU."""
         if backend not in ("onednn", "aten"):
             raise ValueError(f"cpu_gemm: {backend!r} is not one of onednn, aten")
@@ -283,10 +290,19 @@ class TdlmForMaskedDiffusion(PreTrainedModel):
         return out
 
 
-def build_model(model_section, vocab_size: int, mask_token_id: int, pad_token_id: int) -> TdlmForMaskedDiffusion:
-    s = model_section
+def build_model(model_section, vocab_size: int, mask_token_id: int, pad_token_id: int,
+                diffusion_section=None) -> TdlmForMaskedOrCausalLM:
+    s, d = model_section, diffusion_section
+    noise = {"schedule": d.schedule, "t_min": d.t_min, "loglinear_eps": d.loglinear_eps} if d is not None else {}
     cfg = TdlmConfig(vocab_size=s.vocab_size or vocab_size, hidden_size=s.hidden_size, num_layers=s.num_layers,
                      num_heads=s.num_heads, intermediate_size=s.intermediate_size, max_seq_len=s.max_seq_len,
                      rope_theta=s.rope_theta, dropout=s.dropout, tie_embeddings=s.tie_embeddings, causal=s.causal,
-                     mask_token_id=mask_token_id, pad_token_id=pad_token_id)
-    return TdlmForMaskedDiffusion(cfg)
+                     mask_token_id=mask_token_id, pad_token_id=pad_token_id, **noise)
+    return TdlmForMaskedOrCausalLM(cfg)
+
+
+def noise_schedule(config: TdlmConfig):
+    """The ``NoiseSchedule`` a checkpoint was trained under (its saved ``schedule``; linear for old ones)."""
+    from tdlm.diffusion import make_schedule
+
+    return make_schedule(getattr(config, "schedule", "linear"), getattr(config, "loglinear_eps", 1e-3))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import latest_checkpoint, read_state
+from .engine.checkpoint import latest_checkpoint, read_state
 from .config import ConfigError, RunConfig, config_from_dict
 
 
@@ -59,7 +59,7 @@ def run_world_size(run_dir: Path) -> int:
 @dataclass
 class LoadedCheckpoint:
     path: Path
-    model: object            # TdlmForMaskedDiffusion in eval mode
+    model: object            # TdlmForMaskedOrCausalLM in eval mode
     tokenizer: object
     state: dict              # trainer_state.json
     config: RunConfig | None  # the run's config.yaml, when the checkpoint sits in a run dir
@@ -73,13 +73,13 @@ def load_checkpoint(path: str | Path, which: str = "best") -> LoadedCheckpoint:
     import transformers
     from transformers import AutoTokenizer
 
-    from .model import TdlmForMaskedDiffusion
+    from .model import TdlmForMaskedOrCausalLM
 
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar per load
     ckpt = resolve_checkpoint(path, which)
     if not (ckpt / "model" / "config.json").is_file():
         raise ConfigError(f"--checkpoint: {ckpt} has no model/ (written by save_pretrained)")
-    model = TdlmForMaskedDiffusion.from_pretrained(str(ckpt / "model")).eval()
+    model = TdlmForMaskedOrCausalLM.from_pretrained(str(ckpt / "model")).eval()
     tok_dir = ckpt / "tokenizer" if (ckpt / "tokenizer").is_dir() else run_dir_of(ckpt) / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     return LoadedCheckpoint(ckpt, model, tokenizer, read_state(ckpt), load_run_config(run_dir_of(ckpt)))

@@ -12,8 +12,10 @@ positions are fixed (a prompt prefix, or any infilling pattern) and never change
 - ``low_confidence`` / ``random`` (LLaDA ``generate.py``): each step commits a fixed number of tokens, the
   most confident predictions (probability of the sampled token) or random ones, and leaves the rest masked.
 
-Step schedules give m(tau) for tau in [0, 1]: ``linear`` 1 - tau, ``cosine`` cos(pi tau / 2) (few tokens early,
-MaskGIT), or a training ``NoiseSchedule`` (m = 1 - alpha(1 - tau)). ``block_length`` > 0 runs semi-autoregressive
+Step schedules give m(tau), the masked fraction after a fraction tau of the steps: always a noise schedule's,
+m(tau) = 1 - alpha(1 - tau), named as in training (``tdlm/diffusion.py``): ``linear`` 1 - tau, ``cosine``
+1 - sin(pi tau / 2), ``loglinear``; one name, one curve everywhere, and a checkpoint samples on the schedule it
+was trained under unless told otherwise (``eval/generate.py``). ``block_length`` > 0 runs semi-autoregressive
 blocks left to right (LLaDA), each with its share of the steps. Tokens are drawn by Gumbel-max in float64 after
 temperature, top-k and top-p: float32 Gumbel noise visibly lowers sample entropy (Zheng et al. 2024,
 arXiv:2409.02908). ``generator`` may be one ``torch.Generator`` or one per row: with one per row a sample depends
@@ -27,17 +29,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .diffusion import NoiseSchedule
+from .diffusion import NoiseSchedule, make_schedule
 
 METHODS = ("ancestral", "low_confidence", "random")
-STEP_SCHEDULES = ("linear", "cosine")
+STEP_SCHEDULES = ("linear", "cosine", "loglinear")  # the noise schedules of tdlm.diffusion.make_schedule
 
 
 @dataclass
 class SamplerConfig:
     steps: int = 64
     method: str = "ancestral"
-    step_schedule: str | NoiseSchedule = "linear"
+    step_schedule: str | NoiseSchedule | None = None
+    """None = the noise schedule the model was trained under (its config's ``schedule``)."""
     temperature: float = 1.0
     """0 = greedy (argmax)."""
     top_k: int = 0
@@ -73,9 +76,9 @@ def masked_fraction(schedule: str | NoiseSchedule, tau: float) -> float:
     """Expected fraction of the generated positions still masked after a fraction tau of the steps."""
     if tau >= 1.0:
         return 0.0
-    if isinstance(schedule, NoiseSchedule):
-        return float(schedule.mask_prob(torch.tensor(1.0 - tau, dtype=torch.float64)))
-    return 1.0 - tau if schedule == "linear" else math.cos(0.5 * math.pi * tau)
+    if not isinstance(schedule, NoiseSchedule):
+        schedule = make_schedule(schedule)
+    return float(schedule.mask_prob(torch.tensor(1.0 - tau, dtype=torch.float64)))
 
 
 class RowRandom:
@@ -169,6 +172,9 @@ def generate(model, canvas: torch.Tensor, mask_token_id: int, cfg: SamplerConfig
     banned = (mask_token_id, *cfg.forbidden_token_ids)
     calls = steps_run = rows_computed = 0
     cached_input = cached_logits = None
+    schedule = cfg.step_schedule
+    if schedule is None:
+        schedule = getattr(getattr(model, "config", None), "schedule", "linear")
     for j, (lo, hi) in enumerate(blocks):
         in_block = to_fill & (cols >= lo) & (cols < hi)  # (B, L)
         total = in_block.sum(1)  # (B,) positions this block generates per row
@@ -192,8 +198,7 @@ def generate(model, canvas: torch.Tensor, mask_token_id: int, cfg: SamplerConfig
                         if attention_mask is not None else model(sub)
                     cached_input[changed] = sub
                     calls, rows_computed = calls + 1, rows_computed + changed.numel()
-            m_now, m_next = masked_fraction(cfg.step_schedule, i / n_steps), \
-                masked_fraction(cfg.step_schedule, (i + 1) / n_steps)
+            m_now, m_next = masked_fraction(schedule, i / n_steps), masked_fraction(schedule, (i + 1) / n_steps)
             if cfg.method == "ancestral":
                 p_reveal = (m_now - m_next) / m_now if m_now > 0 else 1.0
                 commit = still & (rng.grid(B, L) < p_reveal)

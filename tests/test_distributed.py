@@ -20,7 +20,7 @@ import yaml
 from conftest import launch_two_processes, tiny_overrides
 from tdlm.checkpoint import list_checkpoints, read_state
 from tdlm.config import load_config
-from tdlm.model import TdlmForMaskedDiffusion
+from tdlm.model import TdlmForMaskedOrCausalLM
 from tdlm.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,8 +115,8 @@ def test_deepspeed_zero3_matches_and_exports_consolidated_model(reference):
     launch("deepspeed_zero3.yaml", overrides(tmp, corpus, **{"trainer.run_name": "zero3"}))
     rd = tmp / "runs" / "zero3"
     worst = assert_same_metrics(ref, rd)
-    exported = TdlmForMaskedDiffusion.from_pretrained(str(rd / "checkpoints" / "step_0000006" / "model"))
-    expected = TdlmForMaskedDiffusion.from_pretrained(str(ref / "checkpoints" / "step_0000006" / "model"))
+    exported = TdlmForMaskedOrCausalLM.from_pretrained(str(rd / "checkpoints" / "step_0000006" / "model"))
+    expected = TdlmForMaskedOrCausalLM.from_pretrained(str(ref / "checkpoints" / "step_0000006" / "model"))
     for name, tensor in expected.state_dict().items():  # full shapes, same values as the 1-process model
         torch.testing.assert_close(exported.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     print(f"ZeRO-3 2 processes vs 1: worst relative loss difference {worst:.2e}")

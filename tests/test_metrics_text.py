@@ -13,7 +13,7 @@ from tdlm.config import load_config
 from tdlm.metrics import text as T
 from tdlm.metrics.core import Inputs, MetricRunner
 from tdlm.metrics.text_health import build_text_metrics
-from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion
+from tdlm.model import TdlmConfig, TdlmForMaskedOrCausalLM
 from tdlm.train import StepOutputs, Trainer
 
 PAD, MASK = 4, 5
@@ -81,7 +81,7 @@ def tiny_model(layers=2, seed=0):
     torch.manual_seed(seed)
     cfg = TdlmConfig(vocab_size=6, hidden_size=16, num_layers=layers, num_heads=2, max_seq_len=8,
                      mask_token_id=MASK, pad_token_id=PAD)
-    return TdlmForMaskedDiffusion(cfg)
+    return TdlmForMaskedOrCausalLM(cfg)
 
 
 def model_outputs(model, ids, masked, t, clip=0.0):
@@ -201,7 +201,7 @@ def run_jsonl(overrides):
 
 def test_trainer_logs_every_metric_and_runs_expensive_inputs_only_when_due(tiny, monkeypatch):
     calls = {"grads": [], "probe": 0}
-    real_grads, real_hidden = T.loss_grad_vectors, TdlmForMaskedDiffusion.hidden_states
+    real_grads, real_hidden = T.loss_grad_vectors, TdlmForMaskedOrCausalLM.hidden_states
 
     def counting_grads(losses, params):
         calls["grads"].append(len(losses))
@@ -211,7 +211,7 @@ def test_trainer_logs_every_metric_and_runs_expensive_inputs_only_when_due(tiny,
         calls["probe"] += bool(return_attention)
         return real_hidden(self, ids, attention_mask, return_attention, return_all_hidden)
     monkeypatch.setattr(T, "loss_grad_vectors", counting_grads)
-    monkeypatch.setattr(TdlmForMaskedDiffusion, "hidden_states", counting_hidden)
+    monkeypatch.setattr(TdlmForMaskedOrCausalLM, "hidden_states", counting_hidden)
 
     on = {f"metrics.tiers.{t}.enabled": True for t in ("research", "advanced")}
     recs = run_jsonl(tiny(**on, **{"trainer.max_steps": 6, "trainer.eval_every_n_steps": 3,

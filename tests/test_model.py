@@ -11,17 +11,17 @@ import torch.nn.functional as F
 
 from tdlm.config import OptimSection, RunConfig
 from tdlm.diffusion import make_schedule, sample_t
-from tdlm.model import TdlmConfig, TdlmForMaskedDiffusion, linear, onednn_mm
+from tdlm.model import TdlmConfig, TdlmForMaskedOrCausalLM, linear, onednn_mm
 from tdlm.train import Trainer, build_optimizer
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
 
-def tiny_model(**kw) -> TdlmForMaskedDiffusion:
+def tiny_model(**kw) -> TdlmForMaskedOrCausalLM:
     torch.manual_seed(0)
     cfg = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=2, max_seq_len=16, mask_token_id=0,
                pad_token_id=1)
-    return TdlmForMaskedDiffusion(TdlmConfig(**{**cfg, **kw}))
+    return TdlmForMaskedOrCausalLM(TdlmConfig(**{**cfg, **kw}))
 
 
 def grads(model) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tdlm.config import ConfigError, load_config
-from tdlm.model import TdlmForMaskedDiffusion
+from tdlm.model import TdlmForMaskedOrCausalLM
 from tdlm.train import Trainer, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ def test_run_layout_and_learning(tiny, tmp_path):
     summary = recs[-1]
     assert summary["summary/total_steps"] == 30 and summary["summary/training_time_hours"] > 0
     assert 0.3 < recs[0]["diffusion/t_mean"] < 0.7
-    model = TdlmForMaskedDiffusion.from_pretrained(str(rd / "checkpoints" / "step_0000030" / "model"))
+    model = TdlmForMaskedOrCausalLM.from_pretrained(str(rd / "checkpoints" / "step_0000030" / "model"))
     assert model.config.mask_token_id == trainer.mask_id and not model.config.causal
 
 
@@ -163,6 +163,6 @@ def test_compiled_training_matches_eager(tiny, tmp_path, one_thread):
     assert set(compiled) == {1, 2, 3, 4}
     for step in eager:
         assert math.isclose(compiled[step], eager[step], rel_tol=1e-4), (step, compiled[step], eager[step])
-    model = TdlmForMaskedDiffusion.from_pretrained(str(tmp_path / "runs" / "compiled" / "checkpoints" /
+    model = TdlmForMaskedOrCausalLM.from_pretrained(str(tmp_path / "runs" / "compiled" / "checkpoints" /
                                                        "step_0000004" / "model"))
     assert model.config.num_layers == 1

@@ -7,7 +7,7 @@ stand-in, few-shot episodes). FID/KID live in ``eval/fid.py``. ``siglip`` import
 imported here; ``from tdlm.fsdit.siglip import ...`` when needed.
 """
 
-from tdlm.fsdit.flow import flow_loss, guided_velocity, make_ema, sample
+from tdlm.fsdit.flow import flow_loss, guided_velocity, sample
 from tdlm.fsdit.model import FSDiT, FSDiTConfig, count_parameters
 
-__all__ = ["FSDiT", "FSDiTConfig", "count_parameters", "flow_loss", "guided_velocity", "make_ema", "sample"]
+__all__ = ["FSDiT", "FSDiTConfig", "count_parameters", "flow_loss", "guided_velocity", "sample"]

@@ -1,7 +1,7 @@
 """FSDiT run configuration: the sections of ``configs/fsdit_*.yaml``, read by the loader of ``tdlm.config``.
 
-The optimizer, metrics and wandb sections are the text trainer's own dataclasses (same keys, same meaning, same
-cadence rules); the others are FSDiT's. ``load_fsdit_config(path, overrides)`` rejects unknown keys (naming the
+The loop (``trainer``), optimizer, metrics and wandb sections are the engine's shared dataclasses
+(``tdlm.engine.config``: the same keys, meaning and cadence rules as the text trainer's); the others are FSDiT's. ``load_fsdit_config(path, overrides)`` rejects unknown keys (naming the
 nearest one), wrong types and out-of-range values with a one-line ``ConfigError`` that names the dotted key.
 """
 
@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tdlm.config import (ConfigError, MetricsSection, OptimSection, RunPaths, WandbSection, build_config,
-                         check_cadences, check_values, read_config_data)
+from tdlm.engine.config import (ConfigError, MetricsSection, OptimSection, RunPaths, TrainerSection, WandbSection,
+                                build_config, check_values, load, validate_shared)
 
 
 @dataclass
@@ -52,7 +52,8 @@ class DataSection:
     class_split: list = field(default_factory=lambda: [0.6, 0.2, 0.2])
     """Fractions of classes for train / val / test; the splits are class-disjoint."""
     split_seed: int = 0
-    num_workers: int = 0
+    val_size: int = 100
+    """Fixed held-out episodes (x, eps, t, support) of validation classes; t is stratified over them."""
 
 
 @dataclass
@@ -95,34 +96,6 @@ class SampleSection:
 
 
 @dataclass
-class TrainerSection:
-    output_dir: str = "runs"
-    run_name: str = "fsdit"
-    seed: int = 0
-    max_steps: int = 1000
-    batch_size: int = 32
-    """Episodes per process per optimizer step."""
-    eval_every_n_steps: int = 100
-    val_size: int = 100
-    """Fixed held-out episodes (x, eps, t, support) of validation classes; t is stratified over them."""
-    save_every_n_steps: int = 500
-    keep_last: int = 2
-    ema_decay: float = 0.9999
-    """EMA of the weights with warm-up decay min(decay, (1 + n) / (10 + n)); 0 = off. Samples use the EMA."""
-    resume: str = ""
-    """'' = fresh run; auto = latest checkpoint of this run; or a checkpoint directory."""
-    overwrite: bool = False
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    progress_bar: bool = True
-    min_free_disk_mb: int = 50
-
-    @property
-    def grad_accum_steps(self) -> int:
-        """One micro-batch per optimizer step (what ``tdlm.train.make_accelerator`` reads)."""
-        return 1
-
-
-@dataclass
 class FSDiTRunConfig(RunPaths):
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -130,7 +103,8 @@ class FSDiTRunConfig(RunPaths):
     flow: FlowSection = field(default_factory=FlowSection)
     sample: SampleSection = field(default_factory=SampleSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    trainer: TrainerSection = field(default_factory=TrainerSection)
+    trainer: TrainerSection = field(default_factory=lambda: TrainerSection(
+        run_name="fsdit", max_steps=1000, micro_batch_size=32, save_every_n_steps=500, ema_decay=0.9999))
     metrics: MetricsSection = field(default_factory=MetricsSection)
     wandb: WandbSection = field(default_factory=WandbSection)
 
@@ -138,20 +112,15 @@ class FSDiTRunConfig(RunPaths):
 IMAGE_SIZE = 32  # CIFAR-100
 
 _POSITIVE = ("model.patch_size", "model.hidden_size", "model.depth", "model.num_heads", "model.mlp_ratio",
-             "model.t_scale", "model.vae_scale", "data.support_size", "siglip.tiny_image_size",
-             "siglip.cache_size", "siglip.batch_size", "flow.num_t_bins", "sample.steps", "trainer.max_steps",
-             "trainer.batch_size", "trainer.eval_every_n_steps", "trainer.val_size", "trainer.save_every_n_steps",
-             "trainer.keep_last", "optim.lr", "optim.eps", "metrics.logging_steps", "metrics.detailed_metrics_steps",
-             "metrics.attention_analysis_steps")
-_NON_NEGATIVE = ("data.num_workers", "sample.cfg_scale", "sample.num_sets", "optim.weight_decay",
-                 "optim.warmup_steps", "optim.grad_clip", "trainer.min_free_disk_mb")
-_UNIT = {"model.class_dropout": (0.0, 1.0, False), "optim.beta1": (0.0, 1.0, False),
-         "optim.beta2": (0.0, 1.0, False), "optim.min_lr_ratio": (0.0, 1.0, True),
-         "trainer.ema_decay": (0.0, 1.0, False)}
+             "model.t_scale", "model.vae_scale", "data.support_size", "data.val_size", "siglip.tiny_image_size",
+             "siglip.cache_size", "siglip.batch_size", "flow.num_t_bins", "sample.steps")
+_NON_NEGATIVE = ("sample.cfg_scale", "sample.num_sets")
+_UNIT = {"model.class_dropout": (0.0, 1.0, False)}
 
 
 def validate(cfg: FSDiTRunConfig) -> FSDiTRunConfig:
     """Ranges and consistency; every failure names its dotted key. Files are checked when the trainer opens them."""
+    validate_shared(cfg)
     check_values(cfg, positive=_POSITIVE, non_negative=_NON_NEGATIVE, unit=_UNIT)
     m = cfg.model
     if m.hidden_size % m.num_heads:
@@ -168,13 +137,12 @@ def validate(cfg: FSDiTRunConfig) -> FSDiTRunConfig:
     if cfg.sample.num_sets and cfg.sample.per_set < 2:
         raise ConfigError(f"sample.per_set: must be >= 2 (the diversity metrics compare samples of one support "
                           f"set), got {cfg.sample.per_set}")
-    check_cadences(cfg.metrics, cfg.trainer.eval_every_n_steps)
     return cfg
 
 
 def load_fsdit_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> FSDiTRunConfig:
     """Read a YAML file (None: all defaults), apply dotted ``a.b=c`` overrides, build and validate."""
-    return validate(build_config(FSDiTRunConfig, read_config_data(path, overrides)))
+    return load(FSDiTRunConfig, validate, path, overrides)
 
 
 def fsdit_config_from_dict(data: dict) -> FSDiTRunConfig:

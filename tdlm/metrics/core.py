@@ -150,10 +150,20 @@ class StepInfo:
 
     grad_norm: torch.Tensor | float | None  # global norm before clipping
     lr: float
-    tokens: int  # token positions processed by all processes in this step
-    seconds: float  # wall time of the step (forward, backward, optimizer), host clock
+    tokens: int  # rows x units (token positions, episodes) processed by all processes in this step
+    seconds: float  # wall time of the step: data, forward, backward, optimizer, EMA (never evaluation)
     epoch: int
     model: torch.nn.Module
+    data_seconds: float = 0.0  # of which waiting for the micro-batches
+    update_seconds: float = 0.0  # of which the micro-batches' forward/backward and the optimizer step
+
+
+@dataclass
+class GradView:
+    """Once per optimizer step (source ``"grads"``), after backward and before clipping."""
+
+    model: torch.nn.Module  # unwrapped, .grad set
+    lr: float  # the LR this step uses
 
 
 class Registry:

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from tdlm.config import ConfigError
+from tdlm.engine.config import ConfigError
 
 
 @dataclass(frozen=True)

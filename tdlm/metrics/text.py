@@ -12,21 +12,21 @@ import math
 
 import torch
 
+from tdlm.metrics import common
 from tdlm.metrics import functional as Fm
+from tdlm.metrics.common import ENGINE_NEEDS
 from tdlm.metrics.core import Collector, MetricSpec, Need, Registry, loss_grad_vectors
 
 BUCKETS = ("low", "medium", "high")
 BUCKET_EDGES = (0.3, 0.7)  # mask ratio of the sequence: [0, .3) low, [.3, .7) medium, [.7, 1] high
 
 TEXT = Registry("text", needs={
-    "loss": Need(("batch",), "loss sum and NELBO denominator (valid tokens) of each micro-batch"),
+    **ENGINE_NEEDS,
     "logits": Need(("batch",), "logits of the masked positions, (M, V), as the loss computed them"),
     "mask": Need(("batch",), "masked and valid position masks (B, L) and the clean token ids"),
     "t": Need(("batch",), "diffusion time of each sequence, (B,)"),
     "weights": Need(("batch",), "NELBO weight w(t) = −α′(t)/(1−α(t)) of each sequence, unclipped, (B,)"),
     "token_ce": Need(("batch",), "cross-entropy of each masked token, (M,)"),
-    "optimizer_step": Need(("step",), "once per optimizer step: grad norm before clipping, LR, tokens, time"),
-    "params": Need(("step",), "the parameters after the optimizer step"),
     "bucket_grads": Need(("batch", "model"), "gradient of each corruption bucket's own loss: one extra backward "
                          "pass per bucket and micro-batch, through the retained graph", expensive=True),
     "hidden_states": Need(("batch", "model"), "every block's output from one extra no-grad forward on the "
@@ -70,87 +70,32 @@ def _zeros(*shape):
 
 # ---------------------------------------------------------------------------------------------------- essential
 @TEXT.register
-class TrainLoss(Collector):
+class TrainLoss(common.TrainLoss):
     """Training loss per token over the logging window: Σ w(t)·CE over masked tokens / Σ valid tokens, summed
     over all micro-batches and processes (AR: next-token NLL per target). It uses the true NELBO weight even
     when ``diffusion.clip_weight`` clips it for the gradient, so it stays comparable with ``val/loss``. Always
     on: the NaN/Inf stop rule reads it."""
 
-    tier = "essential"
-    required = True
-    needs = ("loss", "weights", "token_ce", "mask")
     metrics = (MetricSpec("train/loss", "nats/token", "NELBO (AR: NLL) per valid token over the window", "min"),)
-
-    def __init__(self, clip_weight: float = 0.0, **ctx):
-        super().__init__()
-        self.unclip = clip_weight > 0
-        self.add_state("nelbo", _zeros())
-        self.add_state("tokens", _zeros())
-
-    def update(self, inputs):
-        out = inputs["batch"]
-        if self.unclip and out.weight is not None:
-            self.nelbo += (out.weight[_token_rows(inputs)].double() * out.token_ce.detach().double()).sum()
-        else:
-            self.nelbo += out.loss_sum.detach().double()
-        self.tokens += out.num_tokens.double()
-
-    def compute(self):
-        return {"train/loss": Fm.ratio(self.nelbo, self.tokens)}
 
 
 @TEXT.register
-class Optimization(Collector):
+class Optimization(common.Optimization):
     """Per optimizer step, over the logging window: learning rate of the last step, global gradient norm
     before clipping (mean over the window's steps), and token positions (pads included: they cost compute)
     processed by all processes per second of training-step wall time (evaluation and checkpoints excluded)."""
 
-    tier = "essential"
-    needs = ("optimizer_step",)
+    names = {"lr": "train/learning_rate", "grad_norm": "train/grad_norm", "throughput": "train/tokens_per_second",
+             "epoch": "train/epoch"}
     metrics = (MetricSpec("train/learning_rate", "1", "learning rate used by the window's last step"),
                MetricSpec("train/grad_norm", "1", "global L2 norm of the gradient before clipping, window mean"),
                MetricSpec("train/tokens_per_second", "tokens/s", "token positions per second, all processes"),
                MetricSpec("train/epoch", "epochs", "completed passes over the training split"))
 
-    def __init__(self, **ctx):
-        super().__init__()
-        for name in ("lr", "epoch", "grad_sum", "grad_steps", "tokens", "seconds"):
-            self.add_state(name, _zeros(), reduce=None)  # identical on every process
-
-    def update(self, inputs):
-        s = inputs["step"]
-        self.lr.fill_(s.lr)
-        self.epoch.fill_(s.epoch)
-        if s.grad_norm is not None:
-            self.grad_sum += torch.as_tensor(s.grad_norm, dtype=torch.float64).to(self.grad_sum.device)
-            self.grad_steps += 1
-        self.tokens += s.tokens
-        self.seconds += s.seconds
-
-    def compute(self):
-        return {"train/learning_rate": self.lr.clone(), "train/grad_norm": Fm.ratio(self.grad_sum, self.grad_steps),
-                "train/tokens_per_second": Fm.ratio(self.tokens, self.seconds), "train/epoch": self.epoch.clone()}
-
 
 @TEXT.register
-class ParamNorm(Collector):
+class ParamNorm(common.ParamNorm):
     """L2 norm of all parameters (as one vector) after the optimizer step on the logging step."""
-
-    tier = "essential"
-    window = False
-    needs = ("params",)
-    metrics = (MetricSpec("train/param_norm", "1", "L2 norm of all parameters at the logging step"),)
-
-    def __init__(self, **ctx):
-        super().__init__()
-        self.add_state("norm", _zeros(), reduce=None)
-
-    def update(self, inputs):
-        params = [p.detach() for p in inputs["step"].model.parameters()]
-        self.norm = torch.nn.utils.get_total_norm(params).double().to(self.norm)
-
-    def compute(self):
-        return {"train/param_norm": self.norm.clone()}
 
 
 @_diffusion_only
@@ -213,6 +158,28 @@ class MaskAccuracy(Collector):
         return {"metrics/mask_accuracy": Fm.ratio(self.correct, self.masked),
                 "metrics/total_masked_tokens": Fm.ratio(self.masked, self.steps),
                 "metrics/valid_ratio": Fm.ratio(self.valid, self.positions)}
+
+
+@TEXT.register
+class Validation(common.Validation):
+    """On evaluation steps (``trainer.eval_every_n_steps`` and the last step), whatever the tiers: the NELBO per
+    valid token of the validation split (``data.eval_batches`` global batches, or all of it) under masking noise
+    fixed for the whole run, so every evaluation scores the same corruptions (AR: the exact NLL per target);
+    the EMA weights when ``trainer.ema_decay`` > 0. Sums are float64, gathered over processes in row order, so
+    any number of processes gives the same value. It is computed by ``tdlm.objective``, the module the training
+    loss and ``eval/perplexity.py`` call."""
+
+    reduce = None  # every process holds the gathered total
+    metrics = (MetricSpec("val/loss", "nats/token", "NELBO per valid token on the validation split (fixed "
+                          "noise; EMA weights when trainer.ema_decay > 0)", "min"),
+               MetricSpec("val/perplexity", "1", "exp(val/loss): a perplexity upper bound (AR: exact)", "min"),
+               MetricSpec("val/num_tokens", "tokens", "valid tokens scored"))
+
+    def compute(self):
+        out = super().compute()
+        if out:
+            out.update({"val/perplexity": torch.exp(out["val/loss"]), "val/num_tokens": self.count.clone()})
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------- research
@@ -395,15 +362,5 @@ class ModelProbe(Collector):
         return vals
 
 
-TEXT.add_external("essential", "Trainer.evaluate (every trainer.eval_every_n_steps)",
-                  MetricSpec("val/loss", "nats/token", "NELBO per valid token on the validation split (fixed "
-                             "noise; EMA weights when trainer.ema_decay > 0)", "min"),
-                  MetricSpec("val/perplexity", "1", "exp(val/loss): a perplexity upper bound (AR: exact)", "min"),
-                  MetricSpec("val/num_tokens", "tokens", "valid tokens scored"))
-TEXT.add_external("essential", "Trainer.train (once, at the end)",
-                  MetricSpec("summary/training_time_hours", "h", "wall time of this session's loop"),
-                  MetricSpec("summary/total_steps", "steps", "optimizer steps completed"),
-                  MetricSpec("summary/final_loss", "nats/token", "last logged train/loss"),
-                  MetricSpec("summary/best_val_loss", "nats/token", "lowest val/loss"),
-                  MetricSpec("summary/best_val_perplexity", "1", "exp(best_val_loss)"),
-                  MetricSpec("summary/steps_this_session", "steps", "steps since start or resume"))
+TEXT.add_external("essential", "the engine (once, when a run ends)", *common.SUMMARY,
+                  MetricSpec("summary/best_val_perplexity", "1", "exp(best_val_loss)"))

@@ -7,30 +7,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tdlm.metrics import common
 from tdlm.metrics import functional as Fm
 from tdlm.metrics.core import Collector, MetricSpec
 from tdlm.metrics.image.inputs import IMAGE, _std, _zeros
-from tdlm.metrics.text import ParamNorm as _ParamNorm
 
 
 @IMAGE.register
-class TrainLoss(Collector):
+class TrainLoss(common.TrainLoss):
     """train/loss: mean per-sample velocity MSE over every episode of the logging window (all processes), CFG-dropped
     episodes included. train/loss_ema: exponential moving average (α = 0.99 per optimizer step) of each step's
     mean loss, bias-corrected (divided by 1 − α^steps, so it starts at the first loss, not at 0), carried across
     windows. Always on: the NaN/Inf stop rule reads train/loss."""
 
-    tier = "essential"
-    required = True
-    needs = ("flow",)
     metrics = (MetricSpec("train/loss", "MSE", "velocity MSE per episode, window mean", "min"),
                MetricSpec("train/loss_ema", "MSE", "bias-corrected EMA (α = 0.99 per step) of the step loss"))
     alpha = 0.99
 
     def __init__(self, **ctx):
         super().__init__()
-        self.add_state("loss_sum", _zeros())
-        self.add_state("n", _zeros())
         # The EMA is linear in the step losses: each process keeps the EMA of its own step means, and the sum over
         # processes divided by their number is the EMA of the global step means (equal batch sizes).
         self.add_state("ema_num", _zeros())
@@ -38,17 +33,15 @@ class TrainLoss(Collector):
         self._ema_mean = None
 
     def update(self, inputs):
-        loss = inputs["batch"].loss.detach().double()
-        self.loss_sum += loss.sum()
-        self.n += loss.numel()
-        self.ema_num = self.alpha * self.ema_num + (1 - self.alpha) * loss.mean()
+        super().update(inputs)
+        out = inputs["loss"]
+        self.ema_num = self.alpha * self.ema_num + (1 - self.alpha) * out.reported_sum / out.num_targets.double()
         self.ema_steps += 1
 
     def compute(self):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._ema_mean = self.ema_num / world  # ema_num holds the sum over processes here (synced)
-        return {"train/loss": Fm.ratio(self.loss_sum, self.n),
-                "train/loss_ema": self._ema_mean / (1 - self.alpha ** self.ema_steps)}
+        return {**super().compute(), "train/loss_ema": self._ema_mean / (1 - self.alpha ** self.ema_steps)}
 
     def reset(self):
         ema_mean, steps = self._ema_mean, self.ema_steps.clone()
@@ -86,39 +79,20 @@ class LossByTime(Collector):
 
 
 @IMAGE.register
-class Optimization(Collector):
+class Optimization(common.Optimization):
     """train/grad_norm: global L2 norm of the gradient before clipping (what clip_grad_norm_ returns), mean over
     the window's steps. train/lr: the learning rate of the window's last step. train/step_time: wall seconds per
-    optimizer step over the window, from the end of one step to the end of the next, so it includes logging,
-    validation, checkpoints and sampling on the steps that do them (perf/total_iter_time leaves them out)."""
+    optimizer step over the window, from the batch request to the EMA update; logging, validation, checkpoints
+    and sampling are left out (as in the text trainer's throughput)."""
 
-    tier = "essential"
-    needs = ("optimizer_step",)
+    names = {"grad_norm": "train/grad_norm", "lr": "train/lr", "step_time": "train/step_time"}
     metrics = (MetricSpec("train/grad_norm", "1", "global gradient norm before clipping, window mean"),
                MetricSpec("train/lr", "1", "learning rate of the window's last step"),
-               MetricSpec("train/step_time", "s", "wall time per step including logging/eval/saving, window mean"))
-
-    def __init__(self, **ctx):
-        super().__init__()
-        for name in ("lr", "grad_sum", "grad_steps", "seconds", "steps"):
-            self.add_state(name, _zeros(), reduce=None)  # identical on every process
-
-    def update(self, inputs):
-        s = inputs["step"]
-        self.lr.fill_(s.lr)
-        if s.grad_norm is not None:
-            self.grad_sum += torch.as_tensor(s.grad_norm, dtype=torch.float64).to(self.grad_sum.device)
-            self.grad_steps += 1
-        self.seconds += s.seconds
-        self.steps += 1
-
-    def compute(self):
-        return {"train/grad_norm": Fm.ratio(self.grad_sum, self.grad_steps), "train/lr": self.lr.clone(),
-                "train/step_time": Fm.ratio(self.seconds, self.steps)}
+               MetricSpec("train/step_time", "s", "wall time per step (evaluation and saving excluded), window mean"))
 
 
 @IMAGE.register
-class ParamNorm(_ParamNorm):
+class ParamNorm(common.ParamNorm):
     """L2 norm of all trainable parameters (as one vector) after the optimizer step on the logging step; the
     frozen SigLIP encoder is not part of the model and not counted."""
 
@@ -260,18 +234,16 @@ class Perf(Collector):
 
 
 @IMAGE.register
-class Validation(Collector):
-    """On evaluation steps (trainer.eval_every_n_steps), the live model in eval mode (no CFG drop, no dropout)
-    scores a fixed held-out set: trainer.val_size episodes of the validation classes (classes never trained on),
-    each with its fixed support set, noise ε and t (t stratified over the set, so every t-bin is filled).
-    val/loss: their mean velocity MSE. val/train_classes_loss: the same model and protocol on as many fixed
-    episodes of the training classes. val/train_val_gap = val/loss − val/train_classes_loss (> 0: the model does
-    better on the classes it trains on; unlike the origin's EMA-vs-live gap, both sides are the same model).
+class Validation(common.Validation):
+    """On evaluation steps (trainer.eval_every_n_steps), whatever the tiers, the live model in eval mode (no CFG
+    drop, no dropout) scores a fixed held-out set: data.val_size episodes of the validation classes (classes never
+    trained on), each with its fixed support set, noise ε and t (t stratified over the set, so every t-bin is
+    filled). val/loss: their mean velocity MSE. val/train_classes_loss: the same model and protocol on as many
+    fixed episodes of the training classes. val/train_val_gap = val/loss − val/train_classes_loss (> 0: the model
+    does better on the classes it trains on; unlike the origin's EMA-vs-live gap, both sides are the same model).
     val/loss_ema: the EMA weights on the validation set (when trainer.ema_decay > 0). val/loss_tbin_i: val/loss
     by t-bin as train/loss_tbin_i. Only logged on evaluation steps."""
 
-    tier = "essential"
-    needs = ("validation",)
     metrics = (MetricSpec("val/loss", "MSE", "velocity MSE on the fixed validation-class episodes", "min"),
                MetricSpec("val/train_classes_loss", "MSE", "same, fixed training-class episodes"),
                MetricSpec("val/train_val_gap", "MSE", "val/loss − val/train_classes_loss"),
@@ -281,16 +253,15 @@ class Validation(Collector):
     def __init__(self, num_t_bins: int = 10, **ctx):
         super().__init__()
         self.bins = num_t_bins
-        for name in ("loss", "n", "train", "train_n", "ema", "ema_n"):
+        for name in ("train", "train_n", "ema", "ema_n"):
             self.add_state(name, _zeros())
         self.add_state("sums", _zeros(num_t_bins))
         self.add_state("counts", _zeros(num_t_bins))
-        self._fed = self._fed_ema = False  # the same on every process: evaluation steps are the same everywhere
+        self._fed_ema = False
 
     def update(self, inputs):
+        super().update(inputs)
         v = inputs["val"]
-        self.loss += v.loss.double().sum()
-        self.n += v.loss.numel()
         self.train += v.train_classes_loss.double().sum()
         self.train_n += v.train_classes_loss.numel()
         if v.ema_loss is not None:
@@ -300,13 +271,13 @@ class Validation(Collector):
         s, c = Fm.time_bin_sums(v.loss, v.t, self.bins)
         self.sums += s
         self.counts += c
-        self._fed = True
 
     def compute(self):
-        if not self._fed:
+        out = super().compute()
+        if not out:
             return {}
-        loss, train = Fm.ratio(self.loss, self.n), Fm.ratio(self.train, self.train_n)
-        out = {"val/loss": loss, "val/train_classes_loss": train, "val/train_val_gap": loss - train}
+        train = Fm.ratio(self.train, self.train_n)
+        out.update({"val/train_classes_loss": train, "val/train_val_gap": out["val/loss"] - train})
         out.update({f"val/loss_tbin_{i}": v for i, v in enumerate(Fm.ratio(self.sums, self.counts))})
         if self._fed_ema:
             out["val/loss_ema"] = Fm.ratio(self.ema, self.ema_n)
@@ -314,4 +285,4 @@ class Validation(Collector):
 
     def reset(self):
         super().reset()
-        self._fed = self._fed_ema = False
+        self._fed_ema = False

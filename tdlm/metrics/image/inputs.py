@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 
 from tdlm.metrics import functional as Fm
-from tdlm.metrics.core import Need, Registry
+from tdlm.metrics.common import ENGINE_NEEDS
+from tdlm.metrics.core import GradView, Need, Registry  # noqa: F401 (GradView: re-exported)
 
 
 @dataclass
@@ -29,12 +30,6 @@ class FlowBatch:
     y_emb: torch.Tensor  # (B, D) after the CFG drop (null vector on dropped rows)
     c: torch.Tensor  # (B, D) the condition every block's adaLN reads
     context_scale: torch.Tensor  # (D,) or () the learnable gate on y_emb
-
-
-@dataclass
-class GradView:
-    model: torch.nn.Module  # unwrapped, .grad set, before clipping and the optimizer step
-    lr: float  # the LR this step uses
 
 
 @dataclass
@@ -60,6 +55,14 @@ class ValResult:
     train_classes_loss: torch.Tensor  # (M,) same model and protocol, training-class episodes
     ema_loss: torch.Tensor | None = None  # (N,) the EMA model on the validation episodes
 
+    @property
+    def loss_sum(self) -> torch.Tensor:  # what the shared Validation collector adds up
+        return self.loss.double().sum()
+
+    @property
+    def count(self) -> torch.Tensor:
+        return torch.tensor(float(self.loss.numel()), dtype=torch.float64, device=self.loss.device)
+
 
 @dataclass
 class SampleRequest:
@@ -77,18 +80,14 @@ class SampleRequest:
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # model space -> images in [-1, 1] (VAE)
 
 
-IMAGE = Registry("image", needs={
+IMAGE = Registry("image", needs={**ENGINE_NEEDS,
     "flow": Need(("batch",), "per-sample loss and t (B,), clean x, noise ε, x_t, predicted and target velocity "
                  "(B, C, H, W) of the micro-batch"),
     "condition": Need(("batch",), "pooled support embedding given to the model (B, cond_dim), class labels and "
                       "the CFG drop mask (B,)"),
     "embeddings": Need(("batch",), "t_emb, y_emb (after the CFG drop) and c (B, D) from the training forward, "
                        "and the context_scale it used"),
-    "optimizer_step": Need(("step",), "once per optimizer step: grad norm before clipping, LR, wall time"),
-    "params": Need(("step",), "the parameters after the optimizer step"),
-    "grads": Need(("grads",), "the model after backward, before clipping and the optimizer step, and the LR"),
     "timing": Need(("perf",), "device-synchronised timers of the iteration and SigLIP cache counters"),
-    "validation": Need(("val",), "per-episode losses of the fixed held-out sets, on evaluation steps"),
     "probe": Need(("batch", "model"), "one extra no-grad eval-mode forward of the step's noised batch with "
                   "explicit-softmax attention and forward hooks on every block", expensive=True),
     "samples": Need(("sampler",), "sample sets generated from the EMA model: conditional (s = 1), guided "

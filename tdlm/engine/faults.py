@@ -15,6 +15,10 @@ import signal
 import torch
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a NaN loss, a health rule that stops); the message says why and where."""
+
+
 class StopSignal:
     """SIGTERM sets a flag; ``should_stop`` says, identically on every process, when the loop must stop.
 

@@ -2,7 +2,8 @@
 
 Layout: ``<run>/checkpoints/step_000123/`` holds Accelerate's state (model, optimizer, RNG of every process,
 registered objects such as the LR scheduler and EMA), ``trainer_state.json`` (step, data position, best
-validation loss, wandb run id) and ``model/`` + ``tokenizer/`` in ``save_pretrained`` form for evaluation.
+validation loss, wandb run id: ``tdlm.engine.state``) and ``model/`` in ``save_pretrained`` form for
+evaluation, beside what the task exports (the text tasks' ``tokenizer/``).
 A checkpoint is written to a temporary sibling directory and renamed into place, so a crash mid-write leaves
 the previous checkpoint intact and no half-written directory ever looks complete.
 """
@@ -13,10 +14,11 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
-from .config import ConfigError
+from tdlm.engine.config import ConfigError
 
 STATE_FILE = "trainer_state.json"
 
@@ -94,9 +96,10 @@ def _agreed_free_disk(accelerator, root: Path, min_free_mb: int) -> None:
         raise error
 
 
-def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, export_model=None, tokenizer=None,
-                    min_free_mb: int = 0) -> Path:
-    """Collective: every process calls it. Returns the final checkpoint directory."""
+def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, export_model=None,
+                    export_files: Callable[[Path], None] | None = None, min_free_mb: int = 0) -> Path:
+    """Collective: every process calls it. ``export_files(dir)`` (main process) writes the task's files beside
+    ``model/`` (a tokenizer, say). Returns the final checkpoint directory."""
     final = step_dir(root, step)
     tmp = root / f".tmp_{final.name}"
     _agreed_free_disk(accelerator, root, min_free_mb)
@@ -112,8 +115,8 @@ def save_checkpoint(accelerator, root: Path, step: int, trainer_state: dict, exp
     # they must all be on disk before the main process marks the checkpoint complete and renames it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if export_files is not None:
+            export_files(tmp)
         state_path = tmp / STATE_FILE
         with open(state_path, "w") as f:
             json.dump(trainer_state, f, indent=2)

@@ -1,0 +1,259 @@
+"""The text tasks on the shared engine: masked diffusion (the NELBO) and the autoregressive baseline (exact NLL),
+one backbone, one tokenizer and data pipeline, one objective module (``tdlm.objective``).
+
+    accelerate launch tdlm/train.py configs/quickstart.yaml        # masked diffusion
+    accelerate launch tdlm/train.py configs/quickstart_ar.yaml     # model.causal=true: autoregressive
+
+Each task differs only in its noise and the objective function it calls; validation scores the same objective
+under noise fixed for the whole run (``TextTask.evaluate``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tdlm.config import ConfigError, load_config
+from tdlm.data import Collator, resolve_data, tokenizer_fingerprint
+from tdlm.diffusion import make_schedule, noise_mask, sample_t
+from tdlm.engine.launch import run_cli
+from tdlm.engine.randomness import keyed_generator
+from tdlm.engine.task import LossOutput, Task
+from tdlm.model import TdlmForMaskedOrCausalLM, build_model
+from tdlm.objective import (StepOutputs, autoregressive_outputs, masked_diffusion_outputs, reported_sum,
+                            sequence_sums)
+
+VALIDATION_SALT = 424242  # keeps the fixed validation noise apart from every training step's stream
+
+
+@dataclass
+class ValidationSums:
+    """The metric source ``val`` of a text run: the objective and its tokens over the scored validation rows,
+    float64, gathered, so every process holds the same total."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host sync: to CUDA by an asynchronous copy from pinned memory (the
+    caching host allocator keeps the pinned block until the copy is done)."""
+    if x.device == device:
+        return x
+    if x.device.type == "cuda" or device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def load_exported(path: Path) -> TdlmForMaskedOrCausalLM:
+    """A checkpoint's ``model/``, built directly: under ZeRO-3, ``from_pretrained`` would enter DeepSpeed's
+    ``zero.Init`` and shard it again (a collective the other processes are not in)."""
+    from safetensors.torch import load_file
+
+    model = TdlmForMaskedOrCausalLM(TdlmForMaskedOrCausalLM.config_class.from_pretrained(str(path)))
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding and not saved
+        raise RuntimeError(f"{path}: unexpected {unexpected}, missing {missing}")
+    model.tie_weights()
+    return model
+
+
+class TextTask(Task):
+    """What both text objectives share: data, tokenizer, backbone, validation, metrics, export and report."""
+
+    no_decay = ("embed",)  # the (tied) embedding, like norms and biases, gets no weight decay
+
+    def __init__(self, cfg, accelerator):
+        super().__init__(cfg, accelerator)
+        with accelerator.main_process_first():
+            self.data = resolve_data(cfg.data, log=accelerator.print)
+        tok = self.tokenizer = self.data.tokenizer
+        self.mask_id, self.pad_id = tok.mask_token_id, tok.pad_token_id
+        if cfg.model.vocab_size and cfg.model.vocab_size < len(tok):
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {len(tok)}")
+        self.model = build_model(cfg.model, len(tok), self.mask_id, self.pad_id, cfg.diffusion)
+        self.train_set, self.collate_fn = self.data.train, Collator(self.pad_id)
+        self.units_per_row = cfg.data.seq_len
+        self.val_noise: tuple[torch.Tensor, ...] = ()
+
+    def prepare(self, accelerator):
+        val_dl = torch.utils.data.DataLoader(self.data.validation, batch_size=self.cfg.trainer.micro_batch_size,
+                                             shuffle=False, collate_fn=self.collate_fn,
+                                             pin_memory=accelerator.device.type == "cuda")
+        self.val_dl = accelerator.prepare(val_dl)
+
+    def layout(self) -> dict:
+        return {"data.seq_len": self.cfg.data.seq_len}
+
+    def check_resume(self, ckpt: Path, saved_state: dict):
+        import json
+
+        saved = json.loads((ckpt / "model" / "config.json").read_text())
+        fp = saved_state.get("tokenizer_fingerprint")
+        if fp and fp != tokenizer_fingerprint(self.tokenizer):
+            raise ConfigError(f"trainer.resume: tokenizer of {ckpt} differs from the data's tokenizer "
+                              f"(vocab {saved['vocab_size']} vs {len(self.tokenizer)}); same data.* settings needed")
+        for key in ("hidden_size", "num_layers", "num_heads", "causal"):
+            if saved[key] != getattr(self.cfg.model, key):
+                raise ConfigError(f"model.{key}: {getattr(self.cfg.model, key)} differs from the checkpoint's "
+                                  f"{saved[key]} in {ckpt}")
+
+    def state(self) -> dict:
+        return {"tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer)}
+
+    def export(self, directory: Path):
+        self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+
+    def load_export(self, model_dir: Path):
+        return load_exported(model_dir)
+
+    # ---------------------------------------------------------------------------------------- one step
+    def outputs(self, model, batch, noise: tuple, clip_weight: float = 0.0) -> StepOutputs:
+        raise NotImplementedError
+
+    def loss(self, model, batch, noise):
+        clip = self.cfg.diffusion.clip_weight
+        out = self.outputs(model, batch, noise, clip)
+        return LossOutput(out.loss_sum, out.num_tokens, reported_sum(out, clip), out)
+
+    def build_metrics(self, sinks, is_main):
+        from tdlm.metrics.text_health import build_text_metrics
+
+        return build_text_metrics(self.cfg, mask_id=self.mask_id, device=self.accelerator.device, sinks=sinks,
+                                  is_main=is_main)
+
+    def metric_specs(self):
+        from tdlm.metrics.text import TEXT
+
+        return TEXT.specs()
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, model, ema):
+        """The objective per valid token on the validation split, float64, under the same noise every time.
+
+        ``data.eval_batches`` counts *global* batches, so 1 and N processes score the same rows: each process runs
+        its share (rounded up) and rows past the limit are dropped after the gather."""
+        acc, B = self.accelerator, self.cfg.trainer.micro_batch_size
+        model = ema if ema is not None else model
+        max_batches = self.cfg.data.eval_batches or None
+        limit = max_batches * B if max_batches else None
+        per_process = math.ceil(max_batches / acc.num_processes) if max_batches else None
+        total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        for i, batch in enumerate(self.val_dl):
+            if per_process and i >= per_process:
+                break
+            idx = batch["idx"].cpu()
+            out = self.outputs(model, batch, tuple(x[idx] for x in self.val_noise))
+            rows = torch.cat([sequence_sums(out), batch["idx"][:, None].to(torch.float64)], 1)
+            rows = acc.gather_for_metrics(rows)  # drops the rows Accelerate duplicated to even out shards
+            if limit:
+                rows = rows[rows[:, 2] < limit]
+            total += rows[:, :2].sum(0)
+        return ValidationSums(total[0], total[1])
+
+    def summary(self, best_val):
+        return {"summary/best_val_perplexity": math.exp(best_val) if math.isfinite(best_val) else None}
+
+    def report(self, result, inference_model):
+        c = self.cfg
+        if "val/perplexity" in result:
+            kind = "exact perplexity (AR)" if c.model.causal else "perplexity bound (NELBO)"
+            print(f"validation {kind}: {result['val/perplexity']:.3f}   val/loss {result['val/loss']:.4f} "
+                  f"nats/token   steps {result['summary/total_steps']}   run dir {c.run_dir}")
+        if c.sample.at_end:
+            for i, text in enumerate(self.sample(inference_model(), c.sample.at_end, c.sample.steps)):
+                print(f"--- sample {i} ---\n{text[:400]}")
+
+    def sample(self, model, n: int, steps: int, seed: int = 0) -> list[str]:
+        raise NotImplementedError
+
+    def close(self):
+        self.__dict__.pop("val_dl", None)
+
+
+class MaskedDiffusionTask(TextTask):
+    """Masked (absorbing-state) diffusion: t per sequence, stratified over the global batch; every valid token
+    masked independently with probability 1 - alpha(t); loss sum_masked w(t) CE (``tdlm/diffusion.py``)."""
+
+    def __init__(self, cfg, accelerator):
+        super().__init__(cfg, accelerator)
+        d = cfg.diffusion
+        self.schedule = make_schedule(d.schedule, d.loglinear_eps)
+        self.val_noise = self.draw_noise(keyed_generator(cfg.trainer.seed, 0, salt=VALIDATION_SALT),
+                                         len(self.data.validation))
+
+    def draw_noise(self, generator, rows):
+        t = sample_t(rows, self.cfg.diffusion.t_min, self.cfg.diffusion.stratified, generator)
+        return t, torch.rand(rows, self.cfg.data.seq_len, generator=generator)
+
+    def num_targets(self, batch):
+        return (batch["input_ids"] != self.pad_id).sum()
+
+    def outputs(self, model, batch, noise, clip_weight=0.0):
+        """No host sync on a GPU: a packed batch (no padding, so no ``attention_mask``) is masked on the host,
+        where the noise is, and the masked positions go to the device as an index of known length, by
+        asynchronous copies from pinned memory. A padded batch needs the device's pad mask, so it is masked
+        there and its masked count is read back (one sync)."""
+        t, uniforms = noise
+        ids, attn = batch["input_ids"], batch.get("attention_mask")
+        valid = ids != self.pad_id
+        if attn is None:  # every position is valid: the mask depends on the noise alone
+            masked = noise_mask(t, uniforms, self.schedule)
+            positions = masked.flatten().nonzero().squeeze(1)
+            masked, positions, t = (to_device(x, ids.device) for x in (masked, positions, t))
+        else:
+            t = to_device(t, ids.device)
+            masked = noise_mask(t, to_device(uniforms, ids.device), self.schedule, valid)
+            positions = masked.flatten().nonzero().squeeze(1)
+        weight = self.schedule.weight(t.float())
+        return masked_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, attn, t,
+                                        clip_weight)
+
+    def sample(self, model, n, steps, seed=0):
+        from tdlm.sampling import ancestral_sample
+
+        g = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+        special = tuple(i for i in (self.pad_id, self.tokenizer.bos_token_id) if i is not None)
+        ids = ancestral_sample(model, self.schedule, n, self.cfg.data.seq_len, self.mask_id, steps=steps,
+                               generator=g, forbidden_token_ids=special)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=False)
+
+
+class AutoregressiveTask(TextTask):
+    """The same backbone, causal: next-token NLL, exact perplexity; no noise."""
+
+    def num_targets(self, batch):
+        return (batch["input_ids"][:, 1:] != self.pad_id).sum()
+
+    def outputs(self, model, batch, noise, clip_weight=0.0):
+        ids = batch["input_ids"]
+        return autoregressive_outputs(model, ids, ids != self.pad_id, batch.get("attention_mask"))
+
+    def sample(self, model, n, steps, seed=0):
+        from tdlm.sampling import SamplerConfig, ar_generate
+
+        g = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+        prompt = torch.full((n, 1), self.tokenizer.bos_token_id, device=self.accelerator.device)
+        ids = ar_generate(model, prompt, self.cfg.data.seq_len, SamplerConfig(), g)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=False)
+
+
+def text_task(cfg, accelerator) -> TextTask:
+    """The task a text config asks for: autoregressive with ``model.causal``, masked diffusion otherwise."""
+    return (AutoregressiveTask if cfg.model.causal else MaskedDiffusionTask)(cfg, accelerator)
+
+
+def text_engine(cfg):
+    """An ``Engine`` over the text task of ``cfg`` (what ``tdlm/train.py`` runs)."""
+    from tdlm.engine.loop import Engine
+
+    return Engine(cfg, text_task)
+
+
+def cli(argv: list[str] | None = None, doc: str = __doc__) -> int:
+    """``tdlm/train.py``'s main: config -> engine(text task) -> fit -> report."""
+    return run_cli(argv, doc, load_config, text_task)
