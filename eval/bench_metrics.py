@@ -32,47 +32,51 @@ import torch  # noqa: E402
 
 from tdlm.config import MetricsSection, load_config  # noqa: E402
 from tdlm.metrics.core import tier_cadences  # noqa: E402
-from tdlm.train import Trainer  # noqa: E402
+from tdlm.engine.loop import Engine  # noqa: E402
+from tdlm.engine.randomness import global_rows, keyed_generator  # noqa: E402
+from tdlm.tasks import text_engine  # noqa: E402
 
 MODES = {"off": (False, False, False), "essential": (True, False, False), "all": (True, True, True)}
 NEVER = 10**9
 BUDGET = {"essential": 0.01, "all": 0.03}
 
 
-def make_trainer(config: str, mode: str, out_dir: str, extra: list[str]) -> Trainer:
+def make_trainer(config: str, mode: str, out_dir: str, extra: list[str]) -> Engine:
     ess, res, adv = MODES[mode]
     cfg = load_config(config, [
         f"metrics.tiers.essential.enabled={ess}", f"metrics.tiers.research.enabled={res}",
         f"metrics.tiers.advanced.enabled={adv}", "metrics.console=false", "wandb.enabled=false",
         f"trainer.output_dir={out_dir}", f"trainer.run_name=bench_{mode}", "trainer.progress_bar=false",
         f"trainer.max_steps={NEVER}", f"trainer.eval_every_n_steps={NEVER // 10**4 * 10**4}",
-        f"trainer.save_every_n_steps={NEVER}", "trainer.sample_at_end=0", *extra])
-    return Trainer(cfg)
+        f"trainer.save_every_n_steps={NEVER}", "sample.at_end=0", *extra])
+    return text_engine(cfg)
 
 
-def timed_step(trainer: Trainer, due: tuple[str, ...], clock) -> float:
+def timed_step(trainer: Engine, due: tuple[str, ...], clock) -> float:
     """One optimizer step with exactly the tiers in ``due`` reporting on it; seconds of ``clock``."""
     trainer.metrics.cadences = {t: 1 if t in due else NEVER for t in trainer.metrics.cadences}
     if trainer.accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     start = clock()
-    trainer.train(stop_at=trainer.step + 1)
+    trainer.fit(stop_at=trainer.state.step + 1)
     if trainer.accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     return clock() - start
 
 
-def hot_path_update(trainer: Trainer, clock, repeats: int = 30) -> float:
+def hot_path_update(trainer: Engine, clock, repeats: int = 30) -> float:
     """Median seconds of the collectors' per-micro-batch ``update`` on a real batch when no tier is due: the
     whole hot-path cost of the metrics, measured directly (end-to-end step differences are noisier)."""
     trainer.metrics.cadences = {t: NEVER for t in trainer.metrics.cadences}
-    batch = trainer._next_batches(1)[0]
-    t_all, u_all = trainer._step_noise(trainer.step)
-    out = trainer.compute_loss(batch, t_all[trainer._rows(0)], u_all[trainer._rows(0)])
+    batch, step = trainer._next_batches(1)[0], trainer.state.step + 1
+    acc, B = trainer.accelerator, trainer.cfg.trainer.micro_batch_size
+    noise = trainer.task.draw_noise(keyed_generator(trainer.cfg.trainer.seed, step), acc.num_processes * B)
+    rows = global_rows(0, acc.process_index, acc.num_processes, B)
+    out = trainer.task.loss(trainer.model, batch, tuple(x[rows] for x in noise))
     times = []
     for _ in range(repeats):
         start = clock()
-        trainer.metrics.update(trainer.step + 1, batch=out, model=trainer.model)
+        trainer.metrics.update(step, batch=out.batch, loss=out, model=trainer.raw_model)
         times.append(clock() - start)
     return statistics.median(times)
 

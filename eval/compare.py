@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tdlm.accel import eval_accelerator, release
-from tdlm.checkpoint import latest_checkpoint, read_state
+from tdlm.engine.checkpoint import latest_checkpoint, read_state
 from tdlm.config import ConfigError
 from tdlm.gen_metrics import aggregate, load_scorer, repetition_rate, score_samples, unigram_entropy
 from tdlm.likelihood import checkpoint_likelihood, eval_split

@@ -22,7 +22,7 @@ def tiny_overrides(tmp_path, **extra):
         "data.cache_dir": str(tmp_path.parent / "data_cache"),
         "trainer.output_dir": str(tmp_path / "runs"), "trainer.run_name": "t", "trainer.max_steps": 8,
         "trainer.micro_batch_size": 8, "trainer.eval_every_n_steps": 4, "trainer.save_every_n_steps": 4,
-        "trainer.progress_bar": False, "trainer.sample_at_end": 0, "trainer.eval_batches": 2,
+        "trainer.progress_bar": False, "sample.at_end": 0, "data.eval_batches": 2,
         "metrics.logging_steps": 1, "metrics.detailed_metrics_steps": 4, "metrics.attention_analysis_steps": 4,
         "optim.warmup_steps": 2, "wandb.enabled": False,
     }
@@ -68,3 +68,26 @@ def launch_two_processes(script, args, config_file="multi_cpu.yaml", extra_env=N
         pytest.fail(f"launch timed out after {timeout} s:\n{out[-3000:]}\n{err[-5000:]}")
     assert proc.returncode == 0, out[-3000:] + err[-5000:]
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def poison_loss(monkeypatch, first_step: int, last_step: int | None = None) -> None:
+    """Make the masked-diffusion training loss of optimizer steps ``first_step`` .. ``last_step`` (None: every later
+    one) NaN: what the step differentiates and what it reports."""
+    from tdlm.engine.loop import Engine
+    from tdlm.tasks import MaskedDiffusionTask
+
+    current = {"step": 0}
+    optimizer_step, loss = Engine.optimizer_step, MaskedDiffusionTask.loss
+
+    def step_recorded(self, step):
+        current["step"] = step
+        return optimizer_step(self, step)
+
+    def poisoned(self, model, batch, noise):
+        out = loss(self, model, batch, noise)
+        if first_step <= current["step"] <= (last_step or current["step"]):
+            out.loss_sum, out.reported_sum = out.loss_sum * float("nan"), out.reported_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(Engine, "optimizer_step", step_recorded)
+    monkeypatch.setattr(MaskedDiffusionTask, "loss", poisoned)

@@ -1,4 +1,4 @@
-"""Test helper, not a test: ``tdlm/train.py``'s entry point with one fault injected, for launching in a subprocess.
+"""Test helper, not a test: ``tdlm/train.py``'s entry (``tdlm.tasks.cli``) with one fault injected, for launching in a subprocess.
 
 ``TDLM_TEST_FAULT=kind:step[:rank]`` (rank: only that process; default every process; unset: no fault):
 - ``sigkill:N`` / ``sigterm:N``: the process signals itself after step N, as the kernel or a scheduler would.
@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from accelerate import Accelerator  # noqa: E402
 
-import tdlm.train as train  # noqa: E402
+from tdlm.engine.loop import Engine  # noqa: E402
+from tdlm.tasks import cli  # noqa: E402
 
 
 def inject(spec: str) -> None:
@@ -24,14 +25,14 @@ def inject(spec: str) -> None:
     mine = not rank or int(os.environ.get("RANK", "0")) == int(rank[0])
     sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "kill_in_save": signal.SIGKILL}[kind]
     if kind in ("sigkill", "sigterm"):
-        next_batches = train.Trainer._next_batches
+        next_batches = Engine._next_batches
 
         def _next_batches(self, n):
-            if self.step == step and mine:  # step N is done, step N+1 is about to start
+            if self.state.step == step and mine:  # step N is done, step N+1 is about to start
                 os.kill(os.getpid(), sig)
             return next_batches(self, n)
 
-        train.Trainer._next_batches = _next_batches
+        Engine._next_batches = _next_batches
     else:
         save_state = Accelerator.save_state
 
@@ -47,4 +48,4 @@ def inject(spec: str) -> None:
 if __name__ == "__main__":
     if os.environ.get("TDLM_TEST_FAULT"):
         inject(os.environ["TDLM_TEST_FAULT"])
-    sys.exit(train.main())
+    sys.exit(cli())

@@ -89,7 +89,7 @@ def test_optional_and_literal_fields_through_the_generic_loader(tmp_path):
     from dataclasses import dataclass, field
     from typing import Literal
 
-    from tdlm.config import build_config, read_config_data
+    from tdlm.engine.config import build_config, read_config_data
 
     @dataclass
     class Section:

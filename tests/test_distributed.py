@@ -18,10 +18,10 @@ import torch
 import yaml
 
 from conftest import launch_two_processes, tiny_overrides
-from tdlm.checkpoint import list_checkpoints, read_state
+from tdlm.engine.checkpoint import list_checkpoints, read_state
 from tdlm.config import load_config
 from tdlm.model import TdlmForMaskedOrCausalLM
-from tdlm.train import Trainer
+from tdlm.tasks import text_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "markov.yaml")
@@ -35,7 +35,7 @@ def overrides(tmp, corpus, **extra):
     base = {"data.source": "files", "data.paths": f"[{corpus}]", "data.packing": False, "data.vocab_size": 300,
             "data.val_fraction": 0.1, "trainer.max_steps": 6, "trainer.save_every_n_steps": 3,
             "trainer.eval_every_n_steps": 3, "metrics.detailed_metrics_steps": 3,
-            "metrics.attention_analysis_steps": 3, "trainer.micro_batch_size": 4, "trainer.eval_batches": 2}
+            "metrics.attention_analysis_steps": 3, "trainer.micro_batch_size": 4, "data.eval_batches": 2}
     return tiny_overrides(tmp, **{**base, **extra})
 
 
@@ -70,14 +70,14 @@ def reference(tmp_path_factory):
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     corpus.write_text("\n\n".join(" ".join(words[(i * j) % 10] for j in range(2 + (i * 7) % 23))
                                   for i in range(700)))
-    trainer = Trainer(load_config(CONFIG, overrides(tmp, corpus, **{"trainer.grad_accum_steps": 2,
-                                                                     "trainer.run_name": "ref"})))
+    engine = text_engine(load_config(CONFIG, overrides(tmp, corpus, **{"trainer.grad_accum_steps": 2,
+                                                                        "trainer.run_name": "ref"})))
     try:
-        valid = (trainer.data.train["input_ids"][:64] != trainer.pad_id).sum(1)
+        valid = (engine.task.data.train["input_ids"][:64] != engine.task.pad_id).sum(1)
         assert len(set(valid.tolist())) > 5  # rows really differ in valid tokens
-        trainer.train()
+        engine.fit()
     finally:
-        trainer.close()
+        engine.close()
     return tmp, corpus, tmp / "runs" / "ref"
 
 
@@ -104,7 +104,7 @@ def test_ddp_two_processes_match_one_process_and_resume(reference):
 def test_deepspeed_zero2_matches_and_resumes(reference):
     rd, worst = _check_preempted_then_resume(reference, "deepspeed_zero2.yaml", "zero2",
                                              **{"trainer.micro_batch_size": 2, "trainer.grad_accum_steps": 2,
-                                                "trainer.eval_batches": 4})
+                                                "data.eval_batches": 4})
     shards = sorted(p.name for p in (rd / "checkpoints" / "step_0000006" / "pytorch_model").glob("*optim_states*"))
     assert len(shards) == 2, shards  # ZeRO optimizer state, one shard per process
     print(f"ZeRO-2 2 processes vs 1: worst relative loss difference {worst:.2e}")

@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_overrides
 
 from tdlm.config import load_config
-from tdlm.train import Trainer
+from tdlm.tasks import text_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,11 +41,11 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)  # the one_thread fixture is per test and starts after this one
     for name, extra in (("diff", {"wandb.enabled": True, "wandb.mode": "offline"}), ("ar", {"model.causal": True})):
         cfg = load_config(None, tiny_overrides(tmp, **{"trainer.run_name": name, "trainer.max_steps": 24,
-                                                       "trainer.eval_every_n_steps": 8, "trainer.eval_batches": 0,
+                                                       "trainer.eval_every_n_steps": 8, "data.eval_batches": 0,
                                                        "trainer.save_every_n_steps": 24, **extra}))
-        trainer = Trainer(cfg)
-        result = trainer.train()
-        trainer.close()
+        engine = text_engine(cfg)
+        result = engine.fit()
+        engine.close()
         out[name] = {"dir": cfg.run_dir, "result": result, "cfg": cfg}
     torch.set_num_threads(threads)
     return out

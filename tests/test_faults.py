@@ -11,13 +11,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import poison_loss
 import torch
 
 from conftest import tiny_overrides
-from tdlm.checkpoint import list_checkpoints, read_state
+from tdlm.engine.checkpoint import list_checkpoints, read_state
 from tdlm.config import load_config
-from tdlm.faults import NonFiniteWatch, StopSignal
-from tdlm.train import Trainer, TrainingStopped, main
+from tdlm.engine.faults import NonFiniteWatch, StopSignal
+from tdlm.engine.faults import TrainingStopped
+from tdlm.tasks import text_engine
+from tdlm.tasks import cli as main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "markov.yaml")
@@ -28,11 +31,11 @@ RESUME = {"trainer.max_steps": 8, "trainer.save_every_n_steps": 4, "trainer.eval
 
 
 def run(overrides, stop_at=None):
-    trainer = Trainer(load_config(CONFIG, overrides))  # the same base config as the subprocess runs
+    engine = text_engine(load_config(CONFIG, overrides))  # the same base config as the subprocess runs
     try:
-        return trainer.train(stop_at), trainer
+        return engine.fit(stop_at), engine
     finally:
-        trainer.close()
+        engine.close()
 
 
 def records(run_dir):
@@ -134,15 +137,7 @@ def test_nan_stops_before_saving_the_poisoned_state(tiny, tmp_path, monkeypatch,
                                                     kept):
     """NaN at step 6, caught at the log step 6 or before the save at step 6: the message names step 6 and no
     checkpoint after step 4 exists."""
-    compute_loss = Trainer.compute_loss
-
-    def poisoned(self, batch, *args, **kwargs):
-        out = compute_loss(self, batch, *args, **kwargs)
-        if self.step == 5 and self.accelerator.unwrap_model(self.model).training:  # during step 6
-            out.loss_sum = out.loss_sum * float("nan")
-        return out
-
-    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
+    poison_loss(monkeypatch, 6, 6)
     overrides = tiny(**{"trainer.max_steps": 12, "metrics.logging_steps": logging_steps,
                         "trainer.save_every_n_steps": save_every, "metrics.detailed_metrics_steps": 8,
                         "trainer.eval_every_n_steps": 8,

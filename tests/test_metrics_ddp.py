@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tdlm.config import load_config
-from tdlm.train import Trainer
+from tdlm.tasks import text_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMING = ("train/tokens_per_second", "summary/training_time_hours")
@@ -40,10 +40,10 @@ def test_two_process_metrics_equal_one_process(tiny, tmp_path):
              "metrics.attention_analysis_steps": 2, "trainer.eval_every_n_steps": 2, "trainer.grad_accum_steps": 2,
              "metrics.console": False}
     config = ROOT / "configs" / "markov.yaml"
-    one = Trainer(load_config(config, tiny(**every, **{"trainer.micro_batch_size": 8, "trainer.run_name": "one",
-                                                                "trainer.eval_batches": 2})))
+    one = text_engine(load_config(config, tiny(**every, **{"trainer.micro_batch_size": 8, "trainer.run_name": "one",
+                                                                "data.eval_batches": 2})))
     try:
-        one.train()
+        one.fit()
     finally:
         one.close()
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -51,7 +51,7 @@ def test_two_process_metrics_equal_one_process(tiny, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(ROOT / "tdlm" / "train.py"), str(config),
            *tiny(**every, **{"trainer.micro_batch_size": 4, "trainer.run_name": "two",
-                             "trainer.eval_batches": 4})]  # the same 16 validation rows (eval_batches x micro)
+                             "data.eval_batches": 4})]  # the same 16 validation rows (eval_batches x micro)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two_dir = tmp_path / "runs" / "two"

@@ -9,7 +9,10 @@ import torch
 from tdlm.config import ConfigError, load_config
 from tdlm.metrics.health import HealthMonitor
 from tdlm.metrics.text_health import TEXT_RULES
-from tdlm.train import Trainer, TrainingStopped
+from tdlm.engine.faults import TrainingStopped
+from tdlm.tasks import text_engine
+
+from conftest import poison_loss
 
 HEALTHY = {
     "train/loss": 2.0, "metrics/mask_accuracy": 0.7, "research/low_corruption_accuracy": 0.9,
@@ -123,25 +126,18 @@ def test_yaml_overrides_thresholds_enable_and_reject_unknown():
 
 def test_trainer_rejects_bad_health_override(tiny):
     with pytest.raises(ConfigError, match="metrics.health.nope"):
-        Trainer(load_config(None, tiny(**{"metrics.health": "{nope: {min: 1}}"})))
+        text_engine(load_config(None, tiny(**{"metrics.health": "{nope: {min: 1}}"})))
 
 
 def test_nan_loss_logs_saves_the_record_and_stops(tiny, tmp_path, monkeypatch, capsys):
-    real = Trainer.compute_loss
-
-    def poisoned(self, *a, **kw):
-        out = real(self, *a, **kw)
-        if self.step + 1 >= 6:  # from step 6 on
-            out.loss_sum = out.loss_sum * torch.tensor(math.nan)
-        return out
-    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
-    trainer = Trainer(load_config(None, tiny(**{"trainer.max_steps": 8})))
+    poison_loss(monkeypatch, 6)  # from step 6 on
+    engine = text_engine(load_config(None, tiny(**{"trainer.max_steps": 8})))
     try:
         with pytest.raises(TrainingStopped, match=r"health/nonfinite_loss at step 6.*last good checkpoint: "
                                                   r"step_0000004"):
-            trainer.train()
+            engine.fit()
     finally:
-        trainer.close()
+        engine.close()
     rd = tmp_path / "runs" / "t"
     recs = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == 6 and recs[-1]["health/nonfinite_loss"] == 1.0 and recs[-1]["train/loss"] == "nan"

@@ -14,7 +14,9 @@ from tdlm.metrics import text as T
 from tdlm.metrics.core import Inputs, MetricRunner
 from tdlm.metrics.text_health import build_text_metrics
 from tdlm.model import TdlmConfig, TdlmForMaskedOrCausalLM
-from tdlm.train import StepOutputs, Trainer
+from tdlm.engine.task import LossOutput
+from tdlm.objective import StepOutputs, reported_sum
+from tdlm.tasks import text_engine
 
 PAD, MASK = 4, 5
 
@@ -35,8 +37,10 @@ def hand_batch():
     return StepOutputs((w_tok * ce).sum(), valid.sum(), ids, valid, masked, t, w, ce, logits, positions), w_tok
 
 
-def feed(collector, out, step=1):
-    collector.update(Inputs(step, {"batch": out}))
+def feed(collector, out, step=1, clip_weight=0.0):
+    """One update with the sources the engine gives a micro-batch: the batch and its LossOutput."""
+    loss = LossOutput(out.loss_sum, out.num_tokens, reported_sum(out, clip_weight), out)
+    collector.update(Inputs(step, {"batch": out, "loss": loss}))
     return {k: float(v) for k, v in collector.compute().items()}
 
 
@@ -56,7 +60,7 @@ def test_essential_collectors_known_values():
 def test_train_loss_reports_the_unclipped_nelbo():
     out, w_tok = hand_batch()
     clipped = StepOutputs((w_tok.clamp(max=2) * out.token_ce).sum(), *list(vars(out).values())[1:])
-    got = feed(T.TrainLoss(clip_weight=2.0), clipped)["train/loss"]
+    got = feed(T.TrainLoss(), clipped, clip_weight=2.0)["train/loss"]
     assert got == pytest.approx(float((w_tok * out.token_ce).sum()) / 11)
     assert got > float(clipped.loss_sum) / 11
 
@@ -191,12 +195,12 @@ def test_model_probe_matches_naive_loops_and_uniform_attention():
 
 # ------------------------------------------------------------------------------------------ through the trainer
 def run_jsonl(overrides):
-    trainer = Trainer(load_config(None, overrides))
+    engine = text_engine(load_config(None, overrides))
     try:
-        trainer.train()
+        engine.fit()
     finally:
-        trainer.close()
-    return [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+        engine.close()
+    return [json.loads(x) for x in (engine.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_trainer_logs_every_metric_and_runs_expensive_inputs_only_when_due(tiny, monkeypatch):
@@ -248,5 +252,9 @@ def test_runner_built_from_config_respects_tiers(tiny):
     runner = build_text_metrics(cfg, mask_id=MASK)
     assert isinstance(runner, MetricRunner)
     assert {type(c).__name__ for c in runner.collectors} == {
-        "TrainLoss", "Optimization", "ParamNorm", "DiffusionTime", "MaskAccuracy", "CorruptionBuckets",
+        "TrainLoss", "Optimization", "ParamNorm", "Validation", "DiffusionTime", "MaskAccuracy", "CorruptionBuckets",
         "WeightDifficulty", "BucketGradNorms"}
+    essential_off = load_config(None, tiny(**{"metrics.tiers.essential.enabled": False}))
+    # the loss (the NaN stop reads it) and validation (the best checkpoint is chosen by it) run whatever the tiers
+    assert {type(c).__name__ for c in build_text_metrics(essential_off, mask_id=MASK).collectors} == {
+        "TrainLoss", "Validation"}

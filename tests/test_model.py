@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from tdlm.config import OptimSection, RunConfig
 from tdlm.diffusion import make_schedule, sample_t
 from tdlm.model import TdlmConfig, TdlmForMaskedOrCausalLM, linear, onednn_mm
-from tdlm.train import Trainer, build_optimizer
+from tdlm.engine.optim import build_optimizer
+from tdlm.engine.task import LossOutput
+from tdlm.objective import reported_sum
+from tdlm.tasks import MaskedDiffusionTask
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
@@ -88,18 +91,18 @@ def test_masked_head_equals_full_logits_at_the_masked_positions():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_trainer_loss_matches_plain_reference(padded):
-    """compute_loss (masked head, weighted CE) == full logits, log_softmax, gather, w(t), / valid tokens; for a
-    packed batch (masked on the host) and a padded one (masked on the device)."""
+    """The masked-diffusion task's loss (masked head, weighted CE) == full logits, log_softmax, gather, w(t), /
+    valid tokens; for a packed batch (masked on the host) and a padded one (masked on the device)."""
     model = tiny_model()
-    stub = SimpleNamespace(model=model, pad_id=1, mask_id=0, causal=False, schedule=make_schedule("linear"),
-                           cfg=RunConfig())
+    task = SimpleNamespace(pad_id=1, mask_id=0, schedule=make_schedule("linear"))  # what the loss path reads
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(2, 97, (4, 16), generator=g)
     if padded:
         ids[3, 12:] = 1  # a padded row
     attn = ids != 1
     t, u = torch.tensor([0.1, 0.5, 0.9, 0.7]), torch.rand(4, 16, generator=g)
-    out = Trainer.compute_loss(stub, {"input_ids": ids, **({"attention_mask": attn} if padded else {})}, t, u)
+    out = MaskedDiffusionTask.outputs(task, model, {"input_ids": ids, **({"attention_mask": attn} if padded else {})},
+                                      (t, u))
     loss = out.loss_sum / out.num_tokens
     assert torch.equal(out.positions, (out.masked.flatten().nonzero().squeeze(1)))
 
@@ -132,14 +135,14 @@ def test_training_step_reads_nothing_back_from_the_device():
 
     model = tiny_model().to("meta")
     cfg = RunConfig()
-    stub = SimpleNamespace(model=model, pad_id=1, mask_id=0, causal=False, schedule=make_schedule("linear"), cfg=cfg)
+    task = SimpleNamespace(pad_id=1, mask_id=0, schedule=make_schedule("linear"))
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(2, 97, (4, 16), generator=g).to("meta")
     t, u = sample_t(4, 1e-3, True, g), torch.rand(4, 16, generator=g)
-    out = Trainer.compute_loss(stub, {"input_ids": ids}, t, u)
+    out = MaskedDiffusionTask.outputs(task, model, {"input_ids": ids}, (t, u))
     assert out.logits.shape == (int((u < t[:, None]).sum()), 97)
     runner = build_text_metrics(cfg, mask_id=0, device="meta")
-    runner.update(1, batch=out, model=model)
+    runner.update(1, batch=out, loss=LossOutput(out.loss_sum, out.num_tokens, reported_sum(out), out), model=model)
     (out.loss_sum / out.num_tokens).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     assert model.embed.weight.grad.device.type == "meta"

@@ -12,17 +12,18 @@ import torch
 
 from tdlm.config import ConfigError, load_config
 from tdlm.model import TdlmForMaskedOrCausalLM
-from tdlm.train import Trainer, main
+from tdlm.tasks import cli as main
+from tdlm.tasks import text_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(overrides, stop_at=None):
-    trainer = Trainer(load_config(None, overrides))
+    engine = text_engine(load_config(None, overrides))
     try:
-        return trainer.train(stop_at), trainer
+        return engine.fit(stop_at), engine
     finally:
-        trainer.close()
+        engine.close()
 
 
 def losses(run_dir):
@@ -46,7 +47,7 @@ def test_run_layout_and_learning(tiny, tmp_path):
     assert summary["summary/total_steps"] == 30 and summary["summary/training_time_hours"] > 0
     assert 0.3 < recs[0]["diffusion/t_mean"] < 0.7
     model = TdlmForMaskedOrCausalLM.from_pretrained(str(rd / "checkpoints" / "step_0000030" / "model"))
-    assert model.config.mask_token_id == trainer.mask_id and not model.config.causal
+    assert model.config.mask_token_id == trainer.task.mask_id and not model.config.causal
 
 
 def test_ar_mode_reports_exact_nll(tiny, tmp_path):
@@ -59,22 +60,22 @@ def test_bad_input_one_line_errors(tiny, tmp_path, capsys):
     run(tiny(**{"trainer.max_steps": 4}))
     before = sorted(p.name for p in (tmp_path / "runs" / "t" / "checkpoints").iterdir())
     with pytest.raises(ConfigError, match="already holds a run"):
-        Trainer(load_config(None, tiny(**{"trainer.max_steps": 4})))
+        text_engine(load_config(None, tiny(**{"trainer.max_steps": 4})))
     assert sorted(p.name for p in (tmp_path / "runs" / "t" / "checkpoints").iterdir()) == before
     # tokenizer / vocabulary mismatch on resume
     with pytest.raises(ConfigError, match="tokenizer"):
-        Trainer(load_config(None, tiny(**{"trainer.resume": "auto", "data.markov_symbols": 7})))
+        text_engine(load_config(None, tiny(**{"trainer.resume": "auto", "data.markov_symbols": 7})))
     # architecture mismatch on resume
     with pytest.raises(ConfigError, match="model.hidden_size"):
-        Trainer(load_config(None, tiny(**{"trainer.resume": "auto", "model.hidden_size": 64})))
+        text_engine(load_config(None, tiny(**{"trainer.resume": "auto", "model.hidden_size": 64})))
     # missing data file, empty corpus
     with pytest.raises(ConfigError, match="nope.txt"):
-        Trainer(load_config(None, tiny(**{"data.source": "files", "data.paths": "[nope.txt]",
+        text_engine(load_config(None, tiny(**{"data.source": "files", "data.paths": "[nope.txt]",
                                           "trainer.run_name": "x"})))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ConfigError, match="no text found"):
-        Trainer(load_config(None, tiny(**{"data.source": "files", "data.paths": f"[{empty}]",
+        text_engine(load_config(None, tiny(**{"data.source": "files", "data.paths": f"[{empty}]",
                                           "trainer.run_name": "y"})))
     # the CLI turns them into one line and exit code 2
     capsys.readouterr()
@@ -89,12 +90,12 @@ def test_more_bad_input_one_line_errors(tiny, tmp_path, capsys, monkeypatch):
     before = sorted(str(p.relative_to(rd)) for p in rd.rglob("*"))
     # a checkpoint whose data layout differs cannot resume exactly
     with pytest.raises(ConfigError, match="trainer.micro_batch_size: 4 differs from the checkpoint's 8"):
-        Trainer(load_config(None, tiny(**{"trainer.resume": "auto", "trainer.micro_batch_size": 4})))
+        text_engine(load_config(None, tiny(**{"trainer.resume": "auto", "trainer.micro_batch_size": 4})))
     with pytest.raises(ConfigError, match="trainer.resume: .*not a complete checkpoint"):
-        Trainer(load_config(None, tiny(**{"trainer.resume": str(rd)})))
+        text_engine(load_config(None, tiny(**{"trainer.resume": str(rd)})))
     # not enough disk: refused before anything is written or deleted
     with pytest.raises(ConfigError, match="trainer.min_free_disk_mb: only .* MiB free"):
-        Trainer(load_config(None, tiny(**{"trainer.overwrite": True, "trainer.min_free_disk_mb": 2**40})))
+        text_engine(load_config(None, tiny(**{"trainer.overwrite": True, "trainer.min_free_disk_mb": 2**40})))
     assert sorted(str(p.relative_to(rd)) for p in rd.rglob("*")) == before
     # unreadable tokenizers: a pretrained one given by path, and the one of a prepared dataset
     bad_tok = tmp_path / "bad_tok"
@@ -103,14 +104,14 @@ def test_more_bad_input_one_line_errors(tiny, tmp_path, capsys, monkeypatch):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(f"doc {i} words here" for i in range(50)))
     with pytest.raises(ConfigError, match="data.tokenizer: cannot load tokenizer .*bad_tok"):
-        Trainer(load_config(None, tiny(**{"data.source": "files", "data.paths": f"[{corpus}]",
+        text_engine(load_config(None, tiny(**{"data.source": "files", "data.paths": f"[{corpus}]",
                                           "data.tokenizer": str(bad_tok), "trainer.run_name": "tok"})))
     prepared = tmp_path / "prepared"
     shutil.copytree(next(p for p in (tmp_path.parent / "data_cache").iterdir() if (p / "info.json").is_file()),
                     prepared)
     (prepared / "tokenizer" / "tokenizer.json").write_text("{not json")
     with pytest.raises(ConfigError, match="data.tokenizer: cannot load .*prepared/tokenizer"):
-        Trainer(load_config(None, tiny(**{"data.source": "prepared", "data.paths": f"[{prepared}]",
+        text_engine(load_config(None, tiny(**{"data.source": "prepared", "data.paths": f"[{prepared}]",
                                           "trainer.run_name": "prep"})))
     # the CLI: malformed YAML names the line, one line on stderr, exit code 2
     bad = tmp_path / "bad.yaml"
@@ -139,14 +140,14 @@ def test_local_text_files_with_padding(tiny, tmp_path):
     corpus.write_text("\n\n".join(f"document number {i} says hello to the world {i % 7}" for i in range(300)))
     result, trainer = run(tiny(**{"data.source": "files", "data.paths": f"[{corpus}]", "data.packing": False,
                                   "data.vocab_size": 300, "trainer.max_steps": 3}))
-    row = trainer.data.train[0]["input_ids"]
-    assert (row == trainer.pad_id).any()  # short documents are right-padded, and the run still trains
+    row = trainer.task.data.train[0]["input_ids"]
+    assert (row == trainer.task.pad_id).any()  # short documents are right-padded, and the run still trains
     assert math.isfinite(result["val/loss"])
 
 
 def test_script_entry_point_runs(tiny, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tdlm" / "train.py"), str(ROOT / "configs" / "markov.yaml"),
-                           *tiny(**{"trainer.max_steps": 2, "trainer.sample_at_end": 1, "trainer.sample_steps": 4})],
+                           *tiny(**{"trainer.max_steps": 2, "sample.at_end": 1, "sample.steps": 4})],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity bound" in proc.stdout and "--- sample 0 ---" in proc.stdout

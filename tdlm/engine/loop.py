@@ -142,7 +142,7 @@ class Engine:
                    "summary/total_steps": state.step, "summary/final_loss": last.get("train/loss", math.nan),
                    "summary/best_val_loss": state.best_val, "summary/steps_this_session": state.step - start_step,
                    **self.task.summary(state.best_val)}
-        if not self.preempted:  # the run is not over: its summary comes when it is
+        if state.step == t.max_steps:  # an interrupted run is not over: its summary comes when it is
             self.log(summary)
         return {**last, **summary}
 
@@ -247,9 +247,18 @@ class Engine:
         """Collective. Raise if a step since the last check had a NaN/Inf loss or gradient norm on any process."""
         bad = self._watch.first_bad_step(self.accelerator) if hasattr(self, "_watch") else None
         if bad is not None:
-            raise TrainingStopped(f"non-finite loss or gradient norm at step {bad}; stopped at step {self.state.step} "
-                                  f"without saving the poisoned state (last good checkpoint: "
+            message = f"non-finite loss or gradient norm at step {bad}; stopped at step {self.state.step}"
+            self._write_stopped("nonfinite_step", message, {"first_bad_step": bad})
+            raise TrainingStopped(f"{message} without saving the poisoned state (last good checkpoint: "
                                   f"{self.latest_checkpoint_name()})")
+
+    def _write_stopped(self, rule: str, message: str, metrics: dict) -> None:
+        """``stopped.json`` in the run directory: what stopped training, where, and the last good checkpoint."""
+        if self.accelerator.is_main_process:
+            (self.run_dir / "stopped.json").write_text(json.dumps(
+                {"step": self.state.step, "rule": rule, "message": message,
+                 "last_checkpoint": self.latest_checkpoint_name(),
+                 "metrics": {k: str(v) for k, v in metrics.items()}}, indent=1))
 
     def latest_checkpoint_name(self) -> str:
         ckpts = list_checkpoints(self.ckpt_root)
@@ -261,11 +270,7 @@ class Engine:
         stops = self.metrics.log(self.state.step, metrics)
         if stops:
             rule, message = stops[0]
-            if self.accelerator.is_main_process:
-                (self.run_dir / "stopped.json").write_text(json.dumps(
-                    {"step": self.state.step, "rule": rule.name, "message": message,
-                     "last_checkpoint": self.latest_checkpoint_name(),
-                     "metrics": {k: str(v) for k, v in metrics.items()}}, indent=1))
+            self._write_stopped(rule.name, message, metrics)
             raise TrainingStopped(f"{message}; stopping without saving the poisoned state (last good "
                                   f"checkpoint: {self.latest_checkpoint_name()})")
 

@@ -41,7 +41,8 @@ def build_fsdit_metrics(cfg, *, cond_dim: int, pooled_range: float = 1.0, device
                         is_main: bool = True) -> MetricRunner:
     """The runner of an FSDiT run: enabled tiers from ``cfg.metrics.tiers``, rules with YAML overrides."""
     ctx = {"num_t_bins": cfg.flow.num_t_bins, "cond_dim": cond_dim, "depth": cfg.model.depth,
-           "num_heads": cfg.model.num_heads, "pooled_range": pooled_range, "sample_sets": cfg.sample.num_sets}
+           "num_heads": cfg.model.num_heads, "pooled_range": pooled_range, "sample_sets": cfg.sample.num_sets,
+           "grad_accum_steps": cfg.trainer.grad_accum_steps}
     enabled = {t: getattr(cfg.metrics.tiers, t).enabled for t in TIERS}
     health = HealthMonitor(FSDIT_RULES, cfg.metrics.health, warmup_steps=cfg.optim.warmup_steps)
     return MetricRunner(IMAGE.build(enabled, ctx), tier_cadences(cfg.metrics), cfg.trainer.max_steps,

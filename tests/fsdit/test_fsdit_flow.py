@@ -1,18 +1,18 @@
-"""Tests for tdlm/fsdit/flow.py against exactly solvable velocity fields and closed-form losses."""
+"""Tests for tdlm/fsdit/flow.py against exactly solvable velocity fields and closed-form losses, and for the EMA
+FSDiT trains with (``tdlm.engine.optim.make_ema``, shared by every task)."""
 
 import pytest
 import torch
 import torch.nn as nn
 
+from tdlm.engine.optim import ema_decay, make_ema
 from tdlm.fsdit.flow import (
     cfg_combine,
-    ema_decay,
     euler_integrate,
     flow_loss,
     guided_velocity,
     heun_integrate,
     interpolate,
-    make_ema,
     sample,
     sample_t,
     t_bin_index,

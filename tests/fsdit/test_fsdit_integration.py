@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from tdlm.fsdit.data import FewShotDataset, fingerprint, load_cifar100_all, make_synthetic_cifar, split_classes
-from tdlm.fsdit.flow import flow_loss, make_ema, sample
+from tdlm.engine.optim import make_ema
+from tdlm.fsdit.flow import flow_loss, sample
 from tdlm.fsdit.model import FSDiT, FSDiTConfig
 from tdlm.fsdit.siglip import SiglipEncoder, pool_support, precompute_embeddings, tiny_siglip_config
 

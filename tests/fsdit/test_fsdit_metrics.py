@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tdlm.engine.task import LossOutput
 from tdlm.fsdit.model import FSDiT, FSDiTConfig
 from tdlm.metrics import docs
 from tdlm.metrics import image as I
@@ -45,13 +46,20 @@ def scalars(values):
 
 
 # ------------------------------------------------------------------------------------------ essential
+def objective(losses):
+    """The engine's ``loss`` source of one micro-batch: its reported loss sum and its episodes."""
+    loss = torch.as_tensor(losses, dtype=torch.float64)
+    return {"loss": LossOutput(loss.sum(), torch.tensor(float(len(losses))), loss.sum(), batch(loss=losses))}
+
+
 def test_train_loss_window_mean_and_bias_corrected_ema_across_windows():
-    c = I.TrainLoss()
-    got = scalars(feed(c, {"batch": batch(loss=[1.0, 2.0, 3.0])}, {"batch": batch(loss=[4.0, 6.0])}))
+    c = I.TrainLoss()  # one micro-batch per optimizer step (steps 1, 2; then 3 in the next window)
+    c.update(Inputs(1, objective([1.0, 2.0, 3.0])))
+    got = scalars(feed(c, objective([4.0, 6.0]), step=2))
     assert got["train/loss"] == pytest.approx(16 / 5)
     assert got["train/loss_ema"] == pytest.approx((0.99 * 0.01 * 2 + 0.01 * 5) / (1 - 0.99**2))
     c.reset()  # a new window keeps the EMA
-    got = scalars(feed(c, {"batch": batch(loss=[1.0])}))
+    got = scalars(feed(c, objective([1.0]), step=3))
     assert got["train/loss"] == 1.0
     ema3 = 0.99 * (0.99 * 0.01 * 2 + 0.01 * 5) + 0.01 * 1
     assert got["train/loss_ema"] == pytest.approx(ema3 / (1 - 0.99**3))

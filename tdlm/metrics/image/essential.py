@@ -24,19 +24,24 @@ class TrainLoss(common.TrainLoss):
                MetricSpec("train/loss_ema", "MSE", "bias-corrected EMA (α = 0.99 per step) of the step loss"))
     alpha = 0.99
 
-    def __init__(self, **ctx):
+    def __init__(self, grad_accum_steps: int = 1, **ctx):
         super().__init__()
         # The EMA is linear in the step losses: each process keeps the EMA of its own step means, and the sum over
         # processes divided by their number is the EMA of the global step means (equal batch sizes).
+        self.accum = grad_accum_steps
         self.add_state("ema_num", _zeros())
         self.add_state("ema_steps", _zeros(), reduce=None)
-        self._ema_mean = None
+        self._ema_mean, self._ema_step = None, None
 
     def update(self, inputs):
         super().update(inputs)
         out = inputs["loss"]
-        self.ema_num = self.alpha * self.ema_num + (1 - self.alpha) * out.reported_sum / out.num_targets.double()
-        self.ema_steps += 1
+        if inputs.step != self._ema_step:  # the first micro-batch of an optimizer step: one EMA step per step
+            self._ema_step = inputs.step
+            self.ema_num = self.alpha * self.ema_num
+            self.ema_steps += 1
+        # equal micro-batches (drop_last): the step mean is the mean of the micro-batch means
+        self.ema_num = self.ema_num + (1 - self.alpha) * out.reported_sum / out.num_targets.double() / self.accum
 
     def compute(self):
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
