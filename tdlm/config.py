@@ -327,6 +327,36 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
 
 
+def _yaml_error_place(text: str, exc: yaml.YAMLError) -> str:
+    """' line L, column C: what' for a YAML error, at the line the mistake is on.
+
+    PyYAML reports where it *noticed* the error, often a line late: an unclosed ``[``, ``{`` or quote is noticed
+    where the next line (or the end of the file) cannot continue it, and a key missing its colon
+    (``hidden_size 256``) reads as a plain value running on into the next line, whose ``:`` is then refused.
+    Those name the line where the bracket, quote or value began, and the line where the error was noticed.
+    """
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return f": {problem}"
+    noticed = f"line {mark.line + 1}, column {mark.column + 1}"
+    context, opened = getattr(exc, "context_mark", None), getattr(exc, "context", None) or ""
+    if context is not None and context.line < mark.line and ("flow" in opened or "quoted" in opened):
+        what = opened.replace("while parsing a ", "").replace("while scanning a ", "")
+        return f" line {context.line + 1}, column {context.column + 1}: {what} not closed ({problem}, at {noticed})"
+    last = None
+    try:
+        for last in yaml.scan(text):
+            pass
+    except yaml.YAMLError:
+        pass
+    if isinstance(last, yaml.ScalarToken) and last.plain and last.start_mark.line < last.end_mark.line == mark.line:
+        start = last.start_mark
+        first = text.splitlines()[start.line][start.column:].strip()
+        return (f" line {start.line + 1}, column {start.column + 1}: {first!r} runs on into line {mark.line + 1} "
+                f"(a key without ': ', or line {mark.line + 1} indented too deep?): {problem}, at {noticed}")
+    return f" {noticed}: {problem}"
+
+
 def read_config_data(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
     """The raw mapping of a YAML file (None: empty) with dotted ``a.b=c`` overrides applied, before typing."""
     data: dict = {}
@@ -334,12 +364,11 @@ def read_config_data(path: str | Path | None = None, overrides: list[str] | tupl
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+            raise ConfigError(f"malformed YAML in {path}{_yaml_error_place(text, exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides:
