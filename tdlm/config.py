@@ -43,7 +43,8 @@ class DataSection:
     source: str = "stdlib"
     """stdlib (Python standard-library docstrings), markov (synthetic, known entropy), files, hub, prepared."""
     paths: list = field(default_factory=list)
-    """txt / jsonl / parquet files for source=files, or a save_to_disk directory for source=prepared."""
+    """source=files: .txt / .jsonl / .parquet files, or directories whose such files are read in sorted order;
+    source=prepared: the directory written by data_prep/prepare.py. One path may be given as a plain string."""
     hub_name: str = ""
     hub_config: str = ""
     text_column: str = "text"
@@ -210,7 +211,8 @@ _UNIT = {  # key: (low, high, high inclusive)
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check ``value`` against the annotated type; ints are accepted where floats are expected.
+    """Check ``value`` against the annotated type; ints are accepted where floats are expected, and a string where
+    a list is expected (a one-item list).
 
     ``X | None`` accepts null; ``Literal[...]`` accepts one of its values (the error lists them).
     """
@@ -225,6 +227,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
+    if typ is list and isinstance(value, str):
+        return [value]  # one item needs no brackets: data.paths=notes.txt
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -314,7 +318,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"trainer.ema_decay: must be in [0, 1), got {cfg.trainer.ema_decay}")
     check_cadences(cfg.metrics, cfg.trainer.eval_every_n_steps)
     if cfg.data.source == "files" and not cfg.data.paths:
-        raise ConfigError("data.paths: source=files needs at least one file")
+        raise ConfigError("data.paths: source=files needs at least one file or directory")
     if cfg.data.source == "hub" and not cfg.data.hub_name:
         raise ConfigError("data.hub_name: source=hub needs a dataset name")
     return cfg

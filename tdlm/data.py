@@ -207,17 +207,36 @@ def raw_splits(cfg: DataSection) -> tuple[list[str], list[str]]:
     return train, val
 
 
+DATA_FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+"""Suffix -> ``datasets`` loader of the files source=files reads (a directory: these, in sorted order)."""
+
+
+def data_files(cfg: DataSection) -> list[Path]:
+    """The files of ``data.paths``, a directory expanded to its data files (not recursive) in sorted order."""
+    files = []
+    suffixes = "/".join(DATA_FILE_KINDS)
+    for p in cfg.paths:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in DATA_FILE_KINDS)
+            if not found:
+                raise ConfigError(f"data.paths: no {suffixes} files in {path}")
+            files += found
+        elif not path.is_file():
+            raise ConfigError(f"data.paths: file not found: {path}")
+        elif path.suffix not in DATA_FILE_KINDS:
+            raise ConfigError(f"data.paths: {path} is not a {suffixes} file")
+        else:
+            files.append(path)
+    return files
+
+
 def _read_files(cfg: DataSection) -> list[str]:
     import datasets
 
     texts = []
-    for p in cfg.paths:
-        path = Path(p)
-        if not path.is_file():
-            raise ConfigError(f"data.paths: file not found: {path}")
-        kind = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-        if kind is None:
-            raise ConfigError(f"data.paths: {path} is not .txt, .jsonl or .parquet")
+    for path in data_files(cfg):
+        kind = DATA_FILE_KINDS[path.suffix]
         if kind == "text":  # one document per blank-line-separated paragraph
             texts += [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
             continue
@@ -278,7 +297,9 @@ def _fingerprint(cfg: DataSection) -> str:
             "packing", "val_fraction", "max_documents", "markov_order", "markov_symbols", "markov_tokens",
             "markov_concentration", "seed")
     d = {k: asdict(cfg)[k] for k in keys}
-    d["paths"] = [(str(p), Path(p).stat().st_mtime_ns if Path(p).exists() else 0) for p in cfg.paths]
+    # every file read, so a file added to (or edited in) a data.paths directory makes a new cache entry
+    files = data_files(cfg) if cfg.source == "files" else [Path(p) for p in cfg.paths]
+    d["paths"] = [(str(p), p.stat().st_mtime_ns if p.exists() else 0) for p in files]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
