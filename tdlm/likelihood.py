@@ -202,7 +202,7 @@ def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: 
                           max_sequences: int = 0) -> dict:
     """Perplexity of a loaded checkpoint (``tdlm.runs.load_checkpoint``) as the dict eval/perplexity.py prints:
     the NELBO bound with its Monte-Carlo stderr (schedule and t_min from the run's config unless given), or the
-    exact AR perplexity (stderr 0)."""
+    exact AR perplexity (stderr 0). ``split`` is the one scored, or "text" for ``text_files``."""
     from .data import Collator
     from .diffusion import make_schedule
 
@@ -221,7 +221,8 @@ def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: 
     passes = 1 if ck.causal else passes
     res = evaluate(model, dl, accelerator, tok.pad_token_id, tok.mask_token_id, ck.causal, est, passes)
     del model, dl  # prepared objects must not outlive the accelerator (gloo teardown)
-    return {"checkpoint": str(ck.path), "step": ck.state.get("step"), "split": split,
+    return {"checkpoint": str(ck.path), "step": ck.state.get("step"), "split": "text" if text_files else split,
+            "text_files": [str(f) for f in text_files] if text_files else None,
             "kind": "exact" if ck.causal else "bound",
             "nelbo_per_token": res.nelbo_per_token, "perplexity_bound": res.perplexity, "perplexity": res.perplexity,
             "stderr": 0.0 if ck.causal else res.stderr, "mc_passes": passes,
