@@ -83,6 +83,7 @@ class DiffusionSection:
 @dataclass
 class OptimSection:
     lr: float = 1e-3
+    """0 trains nothing: a run that checks the health rules notice (docs/metrics.md)."""
     weight_decay: float = 0.1
     """On matrices only (not embeddings, norms). With beta2 below: the nanoGPT/LLaMA settings."""
     beta1: float = 0.9
@@ -198,11 +199,11 @@ _CHOICES = {
 }
 _POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len", "data.seq_len",
              "data.vocab_size", "trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum_steps",
-             "trainer.eval_every_n_steps", "trainer.save_every_n_steps", "trainer.keep_last", "optim.lr",
+             "trainer.eval_every_n_steps", "trainer.save_every_n_steps", "trainer.keep_last",
              "metrics.logging_steps", "metrics.detailed_metrics_steps", "metrics.attention_analysis_steps",
              "data.num_proc", "data.markov_order", "data.markov_symbols", "data.markov_tokens")
 _NON_NEGATIVE = ("model.vocab_size", "model.intermediate_size", "data.max_documents", "diffusion.clip_weight",
-                 "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "trainer.eval_batches",
+                 "optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "trainer.eval_batches",
                  "trainer.num_workers", "trainer.sample_at_end", "trainer.min_free_disk_mb")
 _UNIT = {  # key: (low, high, high inclusive)
     "model.dropout": (0.0, 1.0, False), "optim.beta1": (0.0, 1.0, False), "optim.beta2": (0.0, 1.0, False),

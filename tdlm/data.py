@@ -332,6 +332,8 @@ def prepare_dataset(cfg: DataSection, out_dir: str | Path | None = None, log=pri
             raise ConfigError(f"data: the {name} split produced no blocks of data.seq_len={cfg.seq_len}")
         ds.save_to_disk(str(tmp / name))
         info[f"num_{name}_blocks"] = len(ds)
+        if name == "train":
+            info["unigram_accuracy"] = unigram_accuracy(ds, tok.pad_token_id)
     tok.save_pretrained(str(tmp / "tokenizer"))
     info["tokenizer_fingerprint"] = tokenizer_fingerprint(tok)
     (tmp / "info.json").write_text(json.dumps(info, indent=2))
@@ -343,12 +345,33 @@ def prepare_dataset(cfg: DataSection, out_dir: str | Path | None = None, log=pri
     return out
 
 
+def unigram_accuracy(ds, pad_token_id: int) -> float:
+    """The share of non-pad tokens equal to the most frequent one: the mask accuracy of a model that has learned
+    token frequencies and nothing else (masking picks non-pad positions uniformly). Counted in chunks."""
+    counts = np.zeros(0, dtype=np.int64)
+    for batch in ds.with_format("numpy", columns=["input_ids"]).iter(batch_size=8192):
+        c = np.bincount(np.asarray(batch["input_ids"]).ravel())
+        counts = np.pad(counts, (0, max(0, len(c) - len(counts)))) + np.pad(c, (0, max(0, len(counts) - len(c))))
+    if pad_token_id is not None and pad_token_id < len(counts):
+        counts[pad_token_id] = 0
+    return float(counts.max() / counts.sum()) if counts.sum() else math.nan
+
+
 @dataclass
 class PreparedData:
     train: object
     validation: object
     tokenizer: object
     info: dict
+
+    def baselines(self) -> dict:
+        """What a model can reach on this data, for health thresholds relative to it (``build_text_metrics``):
+        the training split's unigram accuracy and, for a corpus with a known entropy (markov), the optimal loss
+        (nats per token)."""
+        unigram = self.info.get("unigram_accuracy")
+        if unigram is None:  # prepared before it was measured at preparation time
+            unigram = unigram_accuracy(self.train, self.tokenizer.pad_token_id)
+        return {"unigram_accuracy": unigram, "optimal_loss": self.info.get("true_nll_per_token")}
 
 
 def load_prepared(path: str | Path) -> PreparedData:

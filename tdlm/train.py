@@ -248,7 +248,7 @@ class Trainer:
             self.sinks, self.wandb_id = run_sinks(cfg, self.step, self.wandb_id, TEXT.specs())
         # Every process computes (collectors sync sums across processes); only the main one has sinks.
         self.metrics = build_text_metrics(cfg, mask_id=self.mask_id, device=acc.device, sinks=self.sinks,
-                                          is_main=acc.is_main_process)
+                                          is_main=acc.is_main_process, baselines=self.data.baselines())
         if self.resume_from is not None:
             self.metrics.load_state_dict(self._metric_state, rank=acc.process_index)
 
