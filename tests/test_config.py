@@ -91,7 +91,7 @@ def test_wrong_type_in_yaml_names_key_and_value(tmp_path):
     msg = err(tmp_path, "optim:\n  lr: fast\n")
     assert "optim.lr" in msg and "'fast'" in msg
     assert "trainer.keep_last" in err(tmp_path, "trainer:\n  keep_last: 2.5\n")
-    assert "data.paths" in err(tmp_path, "data:\n  paths: a.txt\n")
+    assert err(tmp_path, "data:\n  paths: 3\n") == "data.paths: expected list, got int (3)"  # a string is one path
     assert err(tmp_path, "trainer: 3\n").startswith("trainer: expected a mapping")
 
 
