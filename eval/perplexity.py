@@ -56,8 +56,8 @@ def parse_args(argv):
 def compute(args, accelerator) -> dict:
     """The result dict (identical on every process)."""
     ck = load_checkpoint(args.checkpoint, args.which)
-    return checkpoint_likelihood(ck, accelerator, split=args.split or "validation", data_dir=args.data, text_files=args.text,
-                                 estimator=args.estimator, passes=args.mc_passes, seed=args.seed, t_min=args.t_min,
+    return checkpoint_likelihood(ck, accelerator, split=args.split or "validation", data_dir=args.data,
+                                 text_files=args.text, estimator=args.estimator, passes=args.mc_passes, seed=args.seed, t_min=args.t_min,
                                  batch_size=args.batch_size, max_sequences=args.max_sequences)
 
 
