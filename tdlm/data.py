@@ -350,8 +350,8 @@ def unigram_accuracy(ds, pad_token_id: int) -> float:
     token frequencies and nothing else (masking picks non-pad positions uniformly). Counted in chunks."""
     counts = np.zeros(0, dtype=np.int64)
     for batch in ds.with_format("numpy", columns=["input_ids"]).iter(batch_size=8192):
-        c = np.bincount(np.asarray(batch["input_ids"]).ravel())
-        counts = np.pad(counts, (0, max(0, len(c) - len(counts)))) + np.pad(c, (0, max(0, len(counts) - len(c))))
+        c = np.bincount(np.asarray(batch["input_ids"]).ravel(), minlength=len(counts))
+        counts = np.pad(counts, (0, len(c) - len(counts))) + c
     if pad_token_id is not None and pad_token_id < len(counts):
         counts[pad_token_id] = 0
     return float(counts.max() / counts.sum()) if counts.sum() else math.nan

@@ -57,6 +57,10 @@ def test_prepare_packs_and_pads_only_the_tail(tmp_path):
     padded = (rows == pad).any(1)
     assert rows.shape[1] == 16 and int(padded.sum()) <= 1  # only a final partial block carries padding
     assert (rows == data.tokenizer.bos_token_id).sum() > 300  # documents are delimited
+    # the unigram baseline of the health rules, measured at preparation: the top token's share of non-pad tokens
+    counts = torch.bincount(rows[rows != pad].flatten()).double()
+    assert data.info["unigram_accuracy"] == pytest.approx(float(counts.max() / counts.sum()), rel=1e-12)
+    assert data.baselines() == {"unigram_accuracy": data.info["unigram_accuracy"], "optimal_loss": None}
     batch = Collator(pad)([data.train[i] for i in range(4)])
     assert "attention_mask" not in batch  # packed batches need no mask
     short = {"input_ids": torch.tensor([5, 6, pad, pad]), "idx": torch.tensor(0)}
