@@ -230,7 +230,7 @@ def test_no_rule_fires_on_a_shipped_demo_while_it_learns(demo):
     # the recording is of a learning run that the old fixed 40% floor flagged at nearly every log
     acc = [v["metrics/mask_accuracy"] for s, v in rec["logs"] if "metrics/mask_accuracy" in v and s >= 50]
     if acc:
-        assert sum(a < 0.4 for a in acc) >= len(acc) - 2 and acc[-1] > 1.5 * rec["baselines"]["unigram_accuracy"]
+        assert sum(a < 0.4 for a in acc) >= len(acc) - 2 and acc[-1] > 1.3 * rec["baselines"]["unigram_accuracy"]
     val = [v["val/loss"] for _, v in rec["logs"] if "val/loss" in v]
     assert len(val) >= 4 and all(b < a for a, b in zip(val, val[1:]))  # every evaluation improved
 
