@@ -34,7 +34,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (see --which)")
     p.add_argument("--which", default="best", choices=["best", "latest"], help="checkpoint of a run dir")
-    p.add_argument("--split", default="validation", choices=["validation", "train"])
+    p.add_argument("--split", choices=["validation", "train"],
+                   help="split of --data or of the run's data (default validation); not with --text")
     p.add_argument("--data", help="a directory written by data_prep/prepare.py")
     p.add_argument("--text", nargs="+", help="raw .txt/.jsonl/.parquet files, tokenized with the checkpoint's tokenizer")
     p.add_argument("--estimator", default="stratified", choices=ESTIMATORS)
@@ -47,14 +48,16 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.mc_passes < 1 or args.batch_size < 1:
         p.error("--mc-passes and --batch-size must be >= 1")
+    if args.text and args.split:
+        p.error("--split: raw --text files have no splits; the result is labelled split=text")
     return args
 
 
 def compute(args, accelerator) -> dict:
     """The result dict (identical on every process)."""
     ck = load_checkpoint(args.checkpoint, args.which)
-    return checkpoint_likelihood(ck, accelerator, split=args.split, data_dir=args.data, text_files=args.text,
-                                 estimator=args.estimator, passes=args.mc_passes, seed=args.seed, t_min=args.t_min,
+    return checkpoint_likelihood(ck, accelerator, split=args.split or "validation", data_dir=args.data,
+                                 text_files=args.text, estimator=args.estimator, passes=args.mc_passes, seed=args.seed, t_min=args.t_min,
                                  batch_size=args.batch_size, max_sequences=args.max_sequences)
 
 

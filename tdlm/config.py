@@ -36,7 +36,8 @@ class DataSection:
     source: str = "stdlib"
     """stdlib (Python standard-library docstrings), markov (synthetic, known entropy), files, hub, prepared."""
     paths: list = field(default_factory=list)
-    """txt / jsonl / parquet files for source=files, or a save_to_disk directory for source=prepared."""
+    """source=files: .txt / .jsonl / .parquet files, or directories whose such files are read in sorted order;
+    source=prepared: the directory written by data_prep/prepare.py. One path may be given as a plain string."""
     hub_name: str = ""
     hub_config: str = ""
     text_column: str = "text"
@@ -122,7 +123,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
     if cfg.data.source == "files" and not cfg.data.paths:
-        raise ConfigError("data.paths: source=files needs at least one file")
+        raise ConfigError("data.paths: source=files needs at least one file or directory")
     if cfg.data.source == "hub" and not cfg.data.hub_name:
         raise ConfigError("data.hub_name: source=hub needs a dataset name")
     return cfg

@@ -207,17 +207,36 @@ def raw_splits(cfg: DataSection) -> tuple[list[str], list[str]]:
     return train, val
 
 
+DATA_FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+"""Suffix -> ``datasets`` loader of the files source=files reads (a directory: these, in sorted order)."""
+
+
+def data_files(cfg: DataSection) -> list[Path]:
+    """The files of ``data.paths``, a directory expanded to its data files (not recursive) in sorted order."""
+    files = []
+    suffixes = "/".join(DATA_FILE_KINDS)
+    for p in cfg.paths:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in DATA_FILE_KINDS)
+            if not found:
+                raise ConfigError(f"data.paths: no {suffixes} files in {path}")
+            files += found
+        elif not path.is_file():
+            raise ConfigError(f"data.paths: file not found: {path}")
+        elif path.suffix not in DATA_FILE_KINDS:
+            raise ConfigError(f"data.paths: {path} is not a {suffixes} file")
+        else:
+            files.append(path)
+    return files
+
+
 def _read_files(cfg: DataSection) -> list[str]:
     import datasets
 
     texts = []
-    for p in cfg.paths:
-        path = Path(p)
-        if not path.is_file():
-            raise ConfigError(f"data.paths: file not found: {path}")
-        kind = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-        if kind is None:
-            raise ConfigError(f"data.paths: {path} is not .txt, .jsonl or .parquet")
+    for path in data_files(cfg):
+        kind = DATA_FILE_KINDS[path.suffix]
         if kind == "text":  # one document per blank-line-separated paragraph
             texts += [t.strip() for t in path.read_text(encoding="utf-8").split("\n\n") if t.strip()]
             continue
@@ -278,7 +297,9 @@ def _fingerprint(cfg: DataSection) -> str:
             "packing", "val_fraction", "max_documents", "markov_order", "markov_symbols", "markov_tokens",
             "markov_concentration", "seed")
     d = {k: asdict(cfg)[k] for k in keys}
-    d["paths"] = [(str(p), Path(p).stat().st_mtime_ns if Path(p).exists() else 0) for p in cfg.paths]
+    # every file read, so a file added to (or edited in) a data.paths directory makes a new cache entry
+    files = data_files(cfg) if cfg.source == "files" else [Path(p) for p in cfg.paths]
+    d["paths"] = [(str(p), p.stat().st_mtime_ns if p.exists() else 0) for p in files]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -311,6 +332,8 @@ def prepare_dataset(cfg: DataSection, out_dir: str | Path | None = None, log=pri
             raise ConfigError(f"data: the {name} split produced no blocks of data.seq_len={cfg.seq_len}")
         ds.save_to_disk(str(tmp / name))
         info[f"num_{name}_blocks"] = len(ds)
+        if name == "train":
+            info["unigram_accuracy"] = unigram_accuracy(ds, tok.pad_token_id)
     tok.save_pretrained(str(tmp / "tokenizer"))
     info["tokenizer_fingerprint"] = tokenizer_fingerprint(tok)
     (tmp / "info.json").write_text(json.dumps(info, indent=2))
@@ -322,12 +345,33 @@ def prepare_dataset(cfg: DataSection, out_dir: str | Path | None = None, log=pri
     return out
 
 
+def unigram_accuracy(ds, pad_token_id: int) -> float:
+    """The share of non-pad tokens equal to the most frequent one: the mask accuracy of a model that has learned
+    token frequencies and nothing else (masking picks non-pad positions uniformly). Counted in chunks."""
+    counts = np.zeros(0, dtype=np.int64)
+    for batch in ds.with_format("numpy", columns=["input_ids"]).iter(batch_size=8192):
+        c = np.bincount(np.asarray(batch["input_ids"]).ravel(), minlength=len(counts))
+        counts = np.pad(counts, (0, len(c) - len(counts))) + c
+    if pad_token_id is not None and pad_token_id < len(counts):
+        counts[pad_token_id] = 0
+    return float(counts.max() / counts.sum()) if counts.sum() else math.nan
+
+
 @dataclass
 class PreparedData:
     train: object
     validation: object
     tokenizer: object
     info: dict
+
+    def baselines(self) -> dict:
+        """What a model can reach on this data, for health thresholds relative to it (``build_text_metrics``):
+        the training split's unigram accuracy and, for a corpus with a known entropy (markov), the optimal loss
+        (nats per token)."""
+        unigram = self.info.get("unigram_accuracy")
+        if unigram is None:  # prepared before it was measured at preparation time
+            unigram = unigram_accuracy(self.train, self.tokenizer.pad_token_id)
+        return {"unigram_accuracy": unigram, "optimal_loss": self.info.get("true_nll_per_token")}
 
 
 def load_prepared(path: str | Path) -> PreparedData:

@@ -203,7 +203,7 @@ def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: 
     """Perplexity of a loaded checkpoint (``tdlm.runs.load_checkpoint``) as the dict eval/perplexity.py prints:
     the NELBO bound with its Monte-Carlo stderr, or the exact AR perplexity (stderr 0). The schedule and t_min
     are the checkpoint's own (saved in its model config), so a checkpoint scored outside its run directory uses
-    them too; ``t_min`` overrides."""
+    them too; ``t_min`` overrides. ``split`` is the one scored, or "text" for ``text_files``."""
     from .data import Collator
     from .model import noise_schedule
 
@@ -222,7 +222,8 @@ def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: 
     passes = 1 if ck.causal else passes
     res = evaluate(model, dl, accelerator, tok.pad_token_id, tok.mask_token_id, ck.causal, est, passes)
     del model, dl  # prepared objects must not outlive the accelerator (gloo teardown)
-    return {"checkpoint": str(ck.path), "step": ck.state.get("step"), "split": split,
+    return {"checkpoint": str(ck.path), "step": ck.state.get("step"), "split": "text" if text_files else split,
+            "text_files": [str(f) for f in text_files] if text_files else None,
             "kind": "exact" if ck.causal else "bound",
             "nelbo_per_token": res.nelbo_per_token, "perplexity_bound": res.perplexity, "perplexity": res.perplexity,
             "stderr": 0.0 if ck.causal else res.stderr, "mc_passes": passes,

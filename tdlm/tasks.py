@@ -123,7 +123,7 @@ class TextTask(Task):
         from tdlm.metrics.text_health import build_text_metrics
 
         return build_text_metrics(self.cfg, mask_id=self.mask_id, device=self.accelerator.device, sinks=sinks,
-                                  is_main=is_main)
+                                  is_main=is_main, baselines=self.data.baselines())
 
     def metric_specs(self):
         from tdlm.metrics.text import TEXT

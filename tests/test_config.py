@@ -37,9 +37,19 @@ def test_wrong_type_and_range(tmp_path):
     assert "model.causal" in err(tmp_path, overrides=["model.causal=maybe"])
 
 
-def test_malformed_yaml_gives_line(tmp_path):
+def test_malformed_yaml_names_the_line_of_the_mistake(tmp_path):
+    # PyYAML notices these a line late; the message starts at the line to fix and says where it was noticed
     msg = err(tmp_path, "model:\n  hidden_size: 32\n  num_layers: [1, 2\ntrainer: {}\n")
-    assert "c.yaml" in msg and "line" in msg
+    assert msg.startswith("malformed YAML in ") and "c.yaml line 3, column 15: flow sequence not closed (" in msg
+    assert msg.endswith("at line 4, column 8)")
+    msg = err(tmp_path, "model:\n  hidden_size 32\n  num_layers: 2\n")  # a key without its colon
+    assert "c.yaml line 2, column 3: 'hidden_size 32' runs on into line 3 " in msg
+    assert msg.endswith("mapping values are not allowed here, at line 3, column 13")
+    msg = err(tmp_path, "trainer:\n  run_name: 'abc\n  seed: 1\n")
+    assert "c.yaml line 2, column 13: quoted scalar not closed (found unexpected end of stream" in msg
+    # noticed on the line of the mistake: that line, as PyYAML gives it
+    assert "c.yaml line 3, column 1: found character '\\t' that cannot start any token" in err(
+        tmp_path, "model:\n  hidden_size: 32\n\tnum_layers: 2\n")
 
 
 def test_missing_file_and_consistency(tmp_path):
@@ -81,7 +91,7 @@ def test_wrong_type_in_yaml_names_key_and_value(tmp_path):
     msg = err(tmp_path, "optim:\n  lr: fast\n")
     assert "optim.lr" in msg and "'fast'" in msg
     assert "trainer.keep_last" in err(tmp_path, "trainer:\n  keep_last: 2.5\n")
-    assert "data.paths" in err(tmp_path, "data:\n  paths: a.txt\n")
+    assert err(tmp_path, "data:\n  paths: 3\n") == "data.paths: expected list, got int (3)"  # a string is one path
     assert err(tmp_path, "trainer: 3\n").startswith("trainer: expected a mapping")
 
 

@@ -1,4 +1,5 @@
-"""Corpora, tokenizers and packing: entropy of the Markov source, deterministic split, pad handling, prepare CLI."""
+"""Corpora, tokenizers and packing: entropy of the Markov source, deterministic split, pad handling, prepare CLI,
+the forms data.paths takes."""
 
 import json
 import math
@@ -7,10 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from tdlm.config import DataSection
-from tdlm.data import Collator, MarkovSource, hash_split, load_prepared, markov_tokenizer, prepare_dataset
+from tdlm.config import ConfigError, DataSection, load_config
+from tdlm.data import (Collator, MarkovSource, _fingerprint, _read_files, data_files, hash_split, load_prepared,
+                       markov_tokenizer, prepare_dataset)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +57,10 @@ def test_prepare_packs_and_pads_only_the_tail(tmp_path):
     padded = (rows == pad).any(1)
     assert rows.shape[1] == 16 and int(padded.sum()) <= 1  # only a final partial block carries padding
     assert (rows == data.tokenizer.bos_token_id).sum() > 300  # documents are delimited
+    # the unigram baseline of the health rules, measured at preparation: the top token's share of non-pad tokens
+    counts = torch.bincount(rows[rows != pad].flatten()).double()
+    assert data.info["unigram_accuracy"] == pytest.approx(float(counts.max() / counts.sum()), rel=1e-12)
+    assert data.baselines() == {"unigram_accuracy": data.info["unigram_accuracy"], "optimal_loss": None}
     batch = Collator(pad)([data.train[i] for i in range(4)])
     assert "attention_mask" not in batch  # packed batches need no mask
     short = {"input_ids": torch.tensor([5, 6, pad, pad]), "idx": torch.tensor(0)}
@@ -70,3 +77,32 @@ def test_prepare_cli_writes_a_loadable_dataset(tmp_path):
     assert info["true_perplexity"] > 1 and info["num_train_blocks"] > 100
     data = load_prepared(out)
     assert data.train[0]["input_ids"].shape == (32,)
+
+
+def test_data_paths_take_a_string_a_directory_and_refuse_an_empty_directory(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "b.txt").write_text("second file, first document\n\nsecond file, second document")
+    (corpus / "a.jsonl").write_text(json.dumps({"text": "first file, only document"}) + "\n")
+    (corpus / "notes.md").write_text("not data")  # other suffixes in the directory are skipped
+    cfg = load_config(None, ["data.source=files", f"data.paths={corpus / 'b.txt'}"])  # a string: one path
+    assert cfg.data.paths == [str(corpus / "b.txt")]
+    assert _read_files(cfg.data) == ["second file, first document", "second file, second document"]
+    cfg = load_config(None, ["data.source=files", f"data.paths={corpus}"])
+    assert data_files(cfg.data) == [corpus / "a.jsonl", corpus / "b.txt"]  # sorted, .md skipped
+    assert _read_files(cfg.data) == ["first file, only document", "second file, first document",
+                                     "second file, second document"]
+    # a file added to the directory is a new data cache entry
+    before = _fingerprint(cfg.data)
+    (corpus / "c.txt").write_text("a third file")
+    assert _fingerprint(cfg.data) != before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("no data here")
+    with pytest.raises(ConfigError) as e:
+        _read_files(DataSection(source="files", paths=[str(empty)]))
+    assert str(e.value) == f"data.paths: no .txt/.jsonl/.json/.parquet files in {empty}"
+    with pytest.raises(ConfigError, match=f"^data.paths: file not found: {tmp_path / 'nope.txt'}$"):
+        _read_files(DataSection(source="files", paths=[str(tmp_path / "nope.txt")]))
+    with pytest.raises(ConfigError, match=r"^data.paths: .*notes.md is not a .txt/.jsonl/.json/.parquet file$"):
+        _read_files(DataSection(source="files", paths=[str(corpus / "notes.md")]))

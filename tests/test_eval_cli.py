@@ -92,9 +92,13 @@ def test_perplexity_on_prepared_dir_and_raw_text(runs, capsys, tmp_path):
     assert run_json(perplexity, base + ["--data", str(prepared)], capsys)["per_pass"] == default["per_pass"]
     text = tmp_path / "t.txt"
     text.write_text("a b c d e f " * 10 + "\n\n" + "f e d c b a " * 10)
-    raw = run_json(perplexity, base + ["--text", str(text), "--split", "validation"], capsys)
+    raw = run_json(perplexity, base + ["--text", str(text)], capsys)
+    assert raw["split"] == "text" and raw["text_files"] == [str(text)] and default["split"] == "validation"
     assert raw["num_tokens"] == 2 * (60 + 2)  # [BOS] + 60 symbols + [EOS] per document, packed into 32-blocks
     assert raw["num_sequences"] == math.ceil(124 / 32)
+    with pytest.raises(SystemExit) as e:  # raw text has no splits
+        perplexity.main(base + ["--text", str(text), "--split", "train"])
+    assert e.value.code == 2 and "--split: raw --text files have no splits" in capsys.readouterr().err
     assert perplexity.main(["--checkpoint", str(tmp_path)]) == 2
     assert "neither a checkpoint" in capsys.readouterr().err
 

@@ -1,7 +1,9 @@
-"""Health rules: each one forced to fire, kept quiet on healthy values, overridden from YAML; the NaN stop."""
+"""Health rules: each one forced to fire, kept quiet on healthy values, overridden from YAML; the NaN stop; the
+thresholds relative to what the data allows; the plateau rule's memory."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ HEALTHY = {
 }
 FIRES = {  # one change each that must fire exactly the named rule
     "nonfinite_loss": {"train/loss": math.nan},
-    "mask_accuracy_low": {"metrics/mask_accuracy": 0.39},
+    "mask_accuracy_low": {"metrics/mask_accuracy": 0.17},  # below 0.9 x the unigram accuracy 0.2 of BASELINES
     "high_above_medium_accuracy": {"research/high_corruption_accuracy": 0.75},
     "bucket_zero_accuracy": {"research/high_corruption_accuracy": 0.0},
     "weight_difficulty_correlation_sign": {"research/weight_difficulty_correlation": 0.2},
@@ -37,8 +39,11 @@ FIRES = {  # one change each that must fire exactly the named rule
 }
 
 
-def fired(values, step=1000, overrides=None, warmup=100):
-    flags, hits = HealthMonitor(TEXT_RULES, overrides, warmup_steps=warmup).check(step, values)
+BASELINES = {"unigram_accuracy": 0.2, "optimal_loss": None}  # what build_text_metrics gets from the data
+
+
+def fired(values, step=1000, overrides=None, warmup=100, baselines=BASELINES):
+    flags, hits = HealthMonitor(TEXT_RULES, overrides, warmup_steps=warmup, baselines=baselines).check(step, values)
     return flags, {r.name for r, _ in hits}, hits
 
 
@@ -70,9 +75,10 @@ def test_a_rule_that_keeps_firing_warns_once_until_it_clears(capsys):
 
     sink = Rows()
     runner = MetricRunner([], {"essential": 1}, last_step=10**6, sinks=[sink],
-                          health=HealthMonitor(TEXT_RULES, {}, warmup_steps=100))
-    low = {**HEALTHY, **FIRES["mask_accuracy_low"]}
-    for step, values in [(1000, low), (1100, low), (1200, low), (1300, HEALTHY), (1400, low), (1500, low)]:
+                          health=HealthMonitor(TEXT_RULES, {}, warmup_steps=100, baselines=BASELINES))
+    healthy = {k: v for k, v in HEALTHY.items() if k != "val/loss"}  # an unchanging val/loss would be a plateau
+    low = {**healthy, **FIRES["mask_accuracy_low"]}
+    for step, values in [(1000, low), (1100, low), (1200, low), (1300, healthy), (1400, low), (1500, low)]:
         runner.log(step, values)
     assert sink.rows == [(1000, 1.0), (1100, 1.0), (1200, 1.0), (1300, 0.0), (1400, 1.0), (1500, 1.0)]
     lines = capsys.readouterr().err.splitlines()
@@ -81,7 +87,7 @@ def test_a_rule_that_keeps_firing_warns_once_until_it_clears(capsys):
     assert lines[1] == "health/mask_accuracy_low cleared at step 1300"
     assert lines[2].startswith("warning: health/mask_accuracy_low at step 1400: ")
     # the firing state is part of the checkpointed health memory
-    again = HealthMonitor(TEXT_RULES, {}, warmup_steps=100)
+    again = HealthMonitor(TEXT_RULES, {}, warmup_steps=100, baselines=BASELINES)
     again.load_state_dict(runner.health.state_dict())
     again.check(1600, low)
     assert again.started == [] and again.firing == {"mask_accuracy_low"}
@@ -109,7 +115,9 @@ def test_rules_read_the_latest_value_of_the_other_input():
 
 def test_yaml_overrides_thresholds_enable_and_reject_unknown():
     values = {**HEALTHY, "metrics/mask_accuracy": 0.45}
-    assert fired(values, overrides={"mask_accuracy_low": {"min": 0.5}})[1] == {"mask_accuracy_low"}
+    assert fired(values)[1] == set()
+    assert fired(values, overrides={"mask_accuracy_low": {"min": 0.5}})[1] == {"mask_accuracy_low"}  # a hard floor
+    assert fired(values, overrides={"mask_accuracy_low": {"unigram_accuracy": 0.6}})[1] == {"mask_accuracy_low"}
     assert fired({**HEALTHY, "diffusion/t_mean": 0.9}, overrides={"t_mean_off": {"enabled": False}})[1] == set()
     assert fired({**HEALTHY, "metrics/mask_accuracy": 0.1}, step=150,
                  overrides={"mask_accuracy_low": {"after_step": 200}})[1] == set()
@@ -145,3 +153,99 @@ def test_nan_loss_logs_saves_the_record_and_stops(tiny, tmp_path, monkeypatch, c
     assert stopped["step"] == 6 and stopped["rule"] == "nonfinite_loss"
     assert sorted(p.name for p in (rd / "checkpoints").iterdir()) == ["step_0000004"]  # nothing poisoned saved
     assert "warning: health/nonfinite_loss at step 6" in capsys.readouterr().err
+
+
+def test_accuracy_floor_is_relative_to_the_unigram_baseline():
+    # 0.3 is below the guide's 40% but far above what token frequencies alone give (0.2): no alarm
+    assert fired({**HEALTHY, "metrics/mask_accuracy": 0.3})[1] == set()
+    assert fired({**HEALTHY, "metrics/mask_accuracy": 0.181})[1] == set()   # floor 0.9 x 0.2 = 0.18
+    assert fired({**HEALTHY, "metrics/mask_accuracy": 0.179})[1] == {"mask_accuracy_low"}
+    # a corpus dominated by one token: 0.45 is worse than predicting it every time
+    assert fired({**HEALTHY, "metrics/mask_accuracy": 0.45}, baselines={"unigram_accuracy": 0.6})[1] == {
+        "mask_accuracy_low"}
+    # nothing measured (baselines not passed): only the hard floor min (0 by default) remains
+    assert fired({**HEALTHY, "metrics/mask_accuracy": 0.01}, baselines=None)[1] == set()
+    _, hits = HealthMonitor(TEXT_RULES, warmup_steps=100, baselines=BASELINES).check(
+        1000, {"metrics/mask_accuracy": 0.1})
+    assert hits[0][1] == ("health/mask_accuracy_low at step 1000: " + hits[0][0].description +
+                          " (metrics/mask_accuracy=0.1; fraction=0.9, unigram_accuracy=0.2, min=0)")
+
+
+def plateau_flags(losses, baselines=BASELINES, overrides=None, start=100, every=100):
+    mon = HealthMonitor(TEXT_RULES, overrides, warmup_steps=start, baselines=baselines)
+    return [mon.check(start + i * every, {"val/loss": x})[0]["health/val_loss_plateau"] for i, x in
+            enumerate(losses)], mon
+
+
+def test_val_loss_plateau_fires_after_patience_evaluations_without_improvement():
+    # a model that does not move (lr=0: the same weights and validation noise give the same loss) fires at the
+    # 4th evaluation: the 1st sets the best, then 3 (patience) without a gain
+    flags, mon = plateau_flags([5.0, 5.0, 5.0, 5.0, 5.0])
+    assert flags == [0, 0, 0, 1, 1] and mon.memory["val_loss_plateau"] == {"best": 5.0, "evals_since_best": 4}
+    # still learning, slowly: 0.2% per evaluation is a gain (min_improvement 0.1%)
+    assert plateau_flags([5.0 * 0.998 ** i for i in range(10)])[0] == [0] * 10
+    # a creep of 0.05% per evaluation adds up: the best moves once it has gained 0.1%, so this never fires
+    assert plateau_flags([5.0 * 0.9995 ** i for i in range(10)])[0] == [0] * 10
+    # rising (overfitting) is no improvement either; a later gain clears it
+    assert plateau_flags([5.0, 5.1, 5.2, 5.3, 4.9])[0] == [0, 0, 0, 1, 0]
+    # near a known optimum (markov: the entropy per token) a flat loss is convergence, not a stall
+    near = {"unigram_accuracy": 0.2, "optimal_loss": 1.73}
+    assert plateau_flags([1.76] * 6, baselines=near)[0] == [0] * 6   # 1.7% above: within tolerance 2%
+    assert plateau_flags([1.80] * 6, baselines=near)[0] == [0, 0, 0, 1, 1, 1]  # 4% above
+    assert plateau_flags([5.0] * 4, overrides={"val_loss_plateau": {"patience": 1}})[0] == [0, 1, 1, 1]
+    # before the end of warm-up the rule is not evaluated (and counts nothing)
+    mon = HealthMonitor(TEXT_RULES, warmup_steps=100)
+    assert "health/val_loss_plateau" not in mon.check(50, {"val/loss": 5.0})[0]
+    assert mon.memory["val_loss_plateau"] == {}
+
+
+def test_plateau_memory_is_checkpointed():
+    _, mon = plateau_flags([5.0, 5.0, 5.0])
+    again = HealthMonitor(TEXT_RULES, warmup_steps=100, baselines=BASELINES)
+    again.load_state_dict(json.loads(json.dumps(mon.state_dict())))  # trainer_state.json round trip
+    assert again.check(400, {"val/loss": 5.0})[0]["health/val_loss_plateau"] == 1.0
+    fresh = HealthMonitor(TEXT_RULES, warmup_steps=100, baselines=BASELINES)
+    assert fresh.check(400, {"val/loss": 5.0})[0]["health/val_loss_plateau"] == 0.0
+    # a checkpoint whose rule has since been disabled restores the rest
+    off = HealthMonitor(TEXT_RULES, {"val_loss_plateau": {"enabled": False}})
+    off.load_state_dict(mon.state_dict())
+    assert off.memory == {}
+
+
+DEMOS = json.loads((Path(__file__).parent / "data" / "demo_health_inputs.json").read_text())
+"""What the rules read at every log of full runs of the shipped text demos (``python tdlm/train.py
+configs/<demo>.yaml``, one thread, before the rules became relative), with the baselines of their data."""
+
+
+@pytest.mark.parametrize("demo", sorted(DEMOS))
+def test_no_rule_fires_on_a_shipped_demo_while_it_learns(demo):
+    rec = DEMOS[demo]
+    mon = HealthMonitor(TEXT_RULES, warmup_steps=rec["warmup_steps"], baselines=rec["baselines"])
+    fired_at = [(step, r.name) for step, values in rec["logs"] for r, _ in mon.check(step, values)[1]]
+    assert fired_at == []
+    # the recording is of a learning run that the old fixed 40% floor flagged at nearly every log
+    acc = [v["metrics/mask_accuracy"] for s, v in rec["logs"] if "metrics/mask_accuracy" in v and s >= 50]
+    if acc:
+        assert sum(a < 0.4 for a in acc) >= len(acc) - 2 and acc[-1] > 1.3 * rec["baselines"]["unigram_accuracy"]
+    val = [v["val/loss"] for _, v in rec["logs"] if "val/loss" in v]
+    assert len(val) >= 4 and all(b < a for a, b in zip(val, val[1:]))  # every evaluation improved
+
+
+def test_a_run_with_lr_zero_fires(tiny, tmp_path, one_thread):
+    """The same tiny run that learns with a learning rate: with lr=0 the model never beats the unigram baseline
+    and its validation loss never moves."""
+    engine = text_engine(load_config(None, tiny(**{"optim.lr": 0, "trainer.max_steps": 16, "metrics.console": False,
+                                                   "trainer.save_every_n_steps": 100})))
+    try:
+        baselines = engine.task.data.baselines()
+        engine.fit()
+    finally:
+        engine.close()
+    assert 0.2 < baselines["unigram_accuracy"] < 0.35 and baselines["optimal_loss"] == pytest.approx(1.028, abs=1e-3)
+    recs = [json.loads(x) for x in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in recs if "health/mask_accuracy_low" in r}
+    assert [s for s, r in by_step.items() if r["health/mask_accuracy_low"]] == list(range(2, 17))  # after warm-up
+    assert {s: r["metrics/mask_accuracy"] for s, r in by_step.items()}[16] < 0.9 * baselines["unigram_accuracy"]
+    vals = [(r["step"], r["val/loss"], r["health/val_loss_plateau"]) for r in recs if "val/loss" in r]
+    assert [s for s, _, _ in vals] == [4, 8, 12, 16] and len({v for _, v, _ in vals}) == 1  # it never moved
+    assert [f for _, _, f in vals] == [0, 0, 0, 1]  # the 1st sets the best, 3 more without a gain

@@ -119,7 +119,7 @@ def test_more_bad_input_one_line_errors(tiny, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main([str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bad.yaml line 4" in err[0]
+    assert len(err) == 1 and "bad.yaml line 3, column 9: flow sequence not closed" in err[0]
     # overwrite=true replaces the old run
     run(tiny(**{"trainer.max_steps": 1, "trainer.overwrite": True}))
     assert [p.name for p in (rd / "checkpoints").iterdir()] == ["step_0000001"]

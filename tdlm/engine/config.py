@@ -27,6 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class OptimSection:
     lr: float = 1e-3
+    """0 trains nothing: a run that checks the health rules notice (docs/metrics.md)."""
     weight_decay: float = 0.1
     """On matrices only (not embeddings, norms, biases). With beta2 below: the nanoGPT/LLaMA settings."""
     beta1: float = 0.9
@@ -125,17 +126,17 @@ class RunPaths:
 
 
 _SHARED_POSITIVE = ("trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum_steps",
-                    "trainer.eval_every_n_steps", "trainer.save_every_n_steps", "trainer.keep_last", "optim.lr",
-                    "optim.eps", "metrics.logging_steps", "metrics.detailed_metrics_steps",
+                    "trainer.eval_every_n_steps", "trainer.save_every_n_steps", "trainer.keep_last", "optim.eps", "metrics.logging_steps", "metrics.detailed_metrics_steps",
                     "metrics.attention_analysis_steps")
-_SHARED_NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "trainer.num_workers",
-                        "trainer.min_free_disk_mb")
+_SHARED_NON_NEGATIVE = ("optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip",
+                        "trainer.num_workers", "trainer.min_free_disk_mb")
 _SHARED_UNIT = {"optim.beta1": (0.0, 1.0, False), "optim.beta2": (0.0, 1.0, False),
                 "optim.min_lr_ratio": (0.0, 1.0, True), "trainer.ema_decay": (0.0, 1.0, False)}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check ``value`` against the annotated type; ints are accepted where floats are expected.
+    """Check ``value`` against the annotated type; ints are accepted where floats are expected, and a string where
+    a list is expected (a one-item list).
 
     ``X | None`` accepts null; ``Literal[...]`` accepts one of its values (the error lists them).
     """
@@ -150,6 +151,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
+    if typ is list and isinstance(value, str):
+        return [value]  # one item needs no brackets: data.paths=notes.txt
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):
@@ -234,6 +237,36 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
 
 
+def _yaml_error_place(text: str, exc: yaml.YAMLError) -> str:
+    """' line L, column C: what' for a YAML error, at the line the mistake is on.
+
+    PyYAML reports where it *noticed* the error, often a line late: an unclosed ``[``, ``{`` or quote is noticed
+    where the next line (or the end of the file) cannot continue it, and a key missing its colon
+    (``hidden_size 256``) reads as a plain value running on into the next line, whose ``:`` is then refused.
+    Those name the line where the bracket, quote or value began, and the line where the error was noticed.
+    """
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return f": {problem}"
+    noticed = f"line {mark.line + 1}, column {mark.column + 1}"
+    context, opened = getattr(exc, "context_mark", None), getattr(exc, "context", None) or ""
+    if context is not None and context.line < mark.line and ("flow" in opened or "quoted" in opened):
+        what = opened.replace("while parsing a ", "").replace("while scanning a ", "")
+        return f" line {context.line + 1}, column {context.column + 1}: {what} not closed ({problem}, at {noticed})"
+    last = None
+    try:
+        for last in yaml.scan(text):
+            pass
+    except yaml.YAMLError:
+        pass
+    if isinstance(last, yaml.ScalarToken) and last.plain and last.start_mark.line < last.end_mark.line == mark.line:
+        start = last.start_mark
+        first = text.splitlines()[start.line][start.column:].strip()
+        return (f" line {start.line + 1}, column {start.column + 1}: {first!r} runs on into line {mark.line + 1} "
+                f"(a key without ': ', or line {mark.line + 1} indented too deep?): {problem}, at {noticed}")
+    return f" {noticed}: {problem}"
+
+
 def read_config_data(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
     """The raw mapping of a YAML file (None: empty) with dotted ``a.b=c`` overrides applied, before typing."""
     data: dict = {}
@@ -241,12 +274,11 @@ def read_config_data(path: str | Path | None = None, overrides: list[str] | tupl
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+            raise ConfigError(f"malformed YAML in {path}{_yaml_error_place(text, exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import sys
 from pathlib import Path
 
@@ -58,11 +59,12 @@ def render(registry: Registry, rules, title: str, intro: str) -> str:
             "a *stop* rule always warns). Rules marked *stop* "
             "end training after logging. Override any parameter in YAML as "
             "`metrics.health.<rule>.<param>`; every rule also takes `enabled` and `after_step` (rules marked "
-            "*warm-up* default to `optim.warmup_steps`, the others to 0). NaN inputs (an empty bucket) skip a "
-            "rule unless noted.", "",
+            "*warm-up* default to `optim.warmup_steps`, the others to 0). A *measured* parameter is filled by the "
+            "trainer from its data (what is reachable on it); where nothing was measured, it is NaN and that "
+            "part of the rule is off. NaN inputs (an empty bucket) skip a rule unless noted.", "",
             "| rule | warning sign | reads | fires when | defaults | |", "|---|---|---|---|---|---|"]
     for r in rules:
-        defaults = ", ".join(f"{k}={v:g}" for k, v in r.params.items()) or "—"
+        defaults = ", ".join(f"{k}={'measured' if math.isnan(v) else f'{v:g}'}" for k, v in r.params.items()) or "—"
         flags = ", ".join(f for f, on in (("stop", r.stop), ("warm-up", r.warmup),
                                           ("NaN-aware", not r.finite_only)) if on)
         reads = ", ".join(f"`{m}`" for m in r.metrics)

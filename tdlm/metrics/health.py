@@ -7,7 +7,11 @@ the trainer to stop. The flag is logged at every evaluation; the console gets on
 starts firing and one line when it clears, not a line per logging step while it keeps firing.
 
 YAML: ``metrics.health.<rule>.<param>: value``; every rule also takes ``enabled`` (default true) and
-``after_step`` (default 0, or the end of LR warm-up for rules marked ``warmup``).
+``after_step`` (default 0, or the end of LR warm-up for rules marked ``warmup``). A parameter may instead come
+from what the trainer measured on its data (``baselines``, e.g. the unigram accuracy of the training split): a
+threshold relative to what is reachable, not a fixed number that some corpora never reach. YAML still wins.
+A rule with ``memory`` (a plateau: no improvement over N logs) keeps a few numbers across logs, checkpointed with
+the rest of the monitor's state.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ class Rule:
     metrics: tuple[str, ...]
     condition: str
     """The check written out for the reference page; ``check`` implements exactly this."""
-    check: Callable[[Mapping[str, float], Mapping[str, float]], bool]
-    """(values by metric name, params) -> fired."""
+    check: Callable[..., bool]
+    """(values by metric name, params) -> fired; a rule with ``memory`` also gets its memory, a dict of floats
+    it may update."""
     params: Mapping[str, float] = field(default_factory=dict)
     warmup: bool = False
     """Skip until ``after_step`` (default: the end of LR warm-up)."""
@@ -37,11 +42,14 @@ class Rule:
     """Firing stops training (after logging)."""
     finite_only: bool = True
     """Skip the rule when an input is NaN/Inf (an empty bucket is NaN, not a failure)."""
+    memory: bool = False
+    """``check`` gets a third argument, this rule's memory across logs (kept in ``state_dict``)."""
 
 
 class HealthMonitor:
     def __init__(self, rules: tuple[Rule, ...], overrides: Mapping[str, Mapping] | None = None,
-                 warmup_steps: int = 0, key: str = "metrics.health"):
+                 warmup_steps: int = 0, key: str = "metrics.health", baselines: Mapping[str, float] | None = None):
+        """``baselines``: measured values by parameter name; each sets that parameter of every rule that has it."""
         by_name = {r.name: r for r in rules}
         if len(by_name) != len(rules):
             raise ValueError("health rules must have unique names")
@@ -61,23 +69,28 @@ class HealthMonitor:
         self.rules = []
         self.params: dict[str, dict] = {}
         for r in rules:
-            p = {"enabled": True, "after_step": warmup_steps if r.warmup else 0, **r.params,
+            measured = {k: float(v) for k, v in (baselines or {}).items() if k in r.params and v is not None}
+            p = {"enabled": True, "after_step": warmup_steps if r.warmup else 0, **r.params, **measured,
                  **overrides.get(r.name, {})}
             if p["enabled"]:
                 self.rules.append(r)
                 self.params[r.name] = p
         self.latest: dict[str, float] = {}
+        self.memory: dict[str, dict[str, float]] = {r.name: {} for r in self.rules if r.memory}
         self.firing: set[str] = set()  # rules whose last evaluation fired
         self.started: list[str] = []   # rules of the last check that fired after not firing
         self.cleared: list[str] = []   # rules of the last check that stopped firing
 
     def state_dict(self) -> dict:
         return {"latest": {k: float(v) for k, v in self.latest.items() if isinstance(v, (int, float))},
-                "firing": sorted(self.firing)}
+                "firing": sorted(self.firing), "memory": {k: dict(m) for k, m in self.memory.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.latest = dict(state.get("latest", {}))
         self.firing = set(state.get("firing", []))
+        for name, mem in state.get("memory", {}).items():
+            if name in self.memory:  # a rule disabled since the checkpoint has no memory to restore
+                self.memory[name] = dict(mem)
 
     def check(self, step: int, values: Mapping[str, float]) -> tuple[dict[str, float], list[tuple[Rule, str]]]:
         """Flags for the rules whose inputs appear in ``values`` (others read their latest logged value)."""
@@ -93,14 +106,15 @@ class HealthMonitor:
             v = {m: float(self.latest[m]) for m in r.metrics}
             if r.finite_only and not all(math.isfinite(x) for x in v.values()):
                 continue
-            hit = bool(r.check(v, p))
+            hit = bool(r.check(v, p, self.memory[r.name]) if r.memory else r.check(v, p))
             flags[f"health/{r.name}"] = float(hit)
             if hit != (r.name in self.firing):
                 (self.started if hit else self.cleared).append(r.name)
                 (self.firing.add if hit else self.firing.discard)(r.name)
             if hit:
-                shown = ", ".join(f"{m}={x:.4g}" for m, x in v.items())
-                limits = ", ".join(f"{k}={x:g}" for k, x in p.items() if k not in ("enabled", "after_step"))
+                shown = ", ".join(f"{m}={x:.4g}" for m, x in [*v.items(), *self.memory.get(r.name, {}).items()])
+                limits = ", ".join(f"{k}={x:.4g}" for k, x in p.items()
+                                   if k not in ("enabled", "after_step") and not math.isnan(x))
                 fired.append((r, f"health/{r.name} at step {step}: {r.description} ({shown}"
                                  f"{'; ' + limits if limits else ''})"))
         return flags, fired

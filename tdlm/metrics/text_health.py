@@ -7,6 +7,8 @@ The rules are the TDLM guide's warning signs as data (``Rule`` rows; thresholds 
 
 from __future__ import annotations
 
+import math
+
 from tdlm.metrics.core import TIERS, MetricRunner, tier_cadences
 from tdlm.metrics.health import HealthMonitor, Rule, nonfinite_rule
 from tdlm.metrics.text import BUCKETS, TEXT
@@ -16,11 +18,37 @@ def _buckets(kind: str) -> tuple[str, ...]:
     return tuple(f"research/{b}_corruption_{kind}" for b in BUCKETS)
 
 
+def _accuracy_floor(p) -> float:
+    floor = p["fraction"] * p["unigram_accuracy"]
+    return max(p["min"], floor) if not math.isnan(floor) else p["min"]
+
+
+def _val_loss_plateau(v, p, memory) -> bool:
+    """Counts evaluations since val/loss last beat its best by more than ``min_improvement`` (relative); the best
+    moves only on such a gain, so a slow creep adds up until it counts. Near a known optimum it never fires."""
+    loss = v["val/loss"]
+    if "best" not in memory or loss < memory["best"] - p["min_improvement"] * abs(memory["best"]):
+        memory["best"], memory["evals_since_best"] = loss, 0.0
+    else:
+        memory["evals_since_best"] += 1
+    converged = loss <= p["optimal_loss"] + p["tolerance"] * abs(p["optimal_loss"])  # unknown (NaN): False
+    return memory["evals_since_best"] >= p["patience"] and not converged
+
+
 TEXT_RULES = (
     nonfinite_rule("train/loss"),
-    Rule("mask_accuracy_low", "mask accuracy below the floor after warm-up", ("metrics/mask_accuracy",),
-         "metrics/mask_accuracy < min", lambda v, p: v["metrics/mask_accuracy"] < p["min"], {"min": 0.4},
-         warmup=True),
+    Rule("mask_accuracy_low", "mask accuracy below the unigram baseline after warm-up: worse than always "
+         "predicting the training split's most frequent token (unigram_accuracy: measured on the data)",
+         ("metrics/mask_accuracy",), "mask_accuracy < max(min, fraction · unigram_accuracy)",
+         lambda v, p: v["metrics/mask_accuracy"] < _accuracy_floor(p),
+         {"fraction": 0.9, "unigram_accuracy": math.nan, "min": 0.0}, warmup=True),
+    Rule("val_loss_plateau", "validation loss has not improved for `patience` evaluations after warm-up "
+         "(stalled, or rising), while above the corpus optimum where one is known (optimal_loss: markov's "
+         "entropy per token)", ("val/loss",),
+         "evaluations since val/loss last fell below (1 − min_improvement) · its best ≥ patience, and val/loss > "
+         "(1 + tolerance) · optimal_loss", _val_loss_plateau,
+         {"patience": 3, "min_improvement": 0.001, "optimal_loss": math.nan, "tolerance": 0.02}, warmup=True,
+         memory=True),
     Rule("high_above_medium_accuracy", "high-corruption accuracy above medium-corruption accuracy",
          _buckets("accuracy")[1:], "high_corruption_accuracy > medium_corruption_accuracy + margin",
          lambda v, p: v[_buckets("accuracy")[2]] > v[_buckets("accuracy")[1]] + p["margin"], {"margin": 0.01},
@@ -53,12 +81,17 @@ TEXT_RULES = (
 )
 
 
-def build_text_metrics(cfg, *, mask_id: int, device=None, sinks=(), is_main: bool = True) -> MetricRunner:
-    """The runner of a text run: enabled tiers from ``cfg.metrics.tiers``, rules with YAML overrides."""
+def build_text_metrics(cfg, *, mask_id: int, device=None, sinks=(), is_main: bool = True,
+                       baselines: dict | None = None) -> MetricRunner:
+    """The runner of a text run: enabled tiers from ``cfg.metrics.tiers``, rules with YAML overrides.
+
+    ``baselines``: what is reachable on the run's data (``PreparedData.baselines()``: ``unigram_accuracy``,
+    ``optimal_loss``), the rules' parameters of those names; without them those parts of the rules are off.
+    """
     ctx = {"causal": cfg.model.causal, "mask_id": mask_id, "num_layers": cfg.model.num_layers,
            "clip_weight": cfg.diffusion.clip_weight}
     enabled = {t: getattr(cfg.metrics.tiers, t).enabled for t in TIERS}
-    health = HealthMonitor(TEXT_RULES, cfg.metrics.health, warmup_steps=cfg.optim.warmup_steps)
+    health = HealthMonitor(TEXT_RULES, cfg.metrics.health, warmup_steps=cfg.optim.warmup_steps, baselines=baselines)
     return MetricRunner(TEXT.build(enabled, ctx), tier_cadences(cfg.metrics), cfg.trainer.max_steps,
                         health=health, sinks=sinks, device=device, is_main=is_main)
 
@@ -74,7 +107,7 @@ metrics:
   logging_steps: 100            # essential
   detailed_metrics_steps: 500   # research: a multiple of logging_steps
   attention_analysis_steps: 2000  # advanced: a multiple of logging_steps
-  health: {mask_accuracy_low: {min: 0.5}}   # rule overrides, see the table at the end
+  health: {val_loss_plateau: {patience: 5}}   # rule overrides, see the table at the end
 trainer:
   eval_every_n_steps: 100       # val/*: a multiple of logging_steps
 ```
@@ -94,6 +127,23 @@ the share of non-pad positions. Sinks: `metrics.jsonl` (always), the console (`m
 (`wandb.enabled`, online or offline) where every panel uses `trainer/global_step` and panels group by prefix.
 An image trainer registers its own collectors and rules on the same core (`tdlm.metrics.core`,
 `tdlm.metrics.health`, `tdlm.metrics.functional`).
+
+**Why the mask-accuracy floor is no longer 40%.** The guide calls mask accuracy below 40% poor. As an alarm that
+number fired on every shipped text demo at nearly every log and never cleared (quickstart: 28 of 30 logs; Markov
+demo: 38 of 40), and a rule that always fires teaches users to ignore health warnings. It is not reachable
+there: mask accuracy is averaged over t ~ U[t_min, 1], so half the masked tokens sit in sequences more than half
+masked, where even a perfect model guesses from little context. On the Markov corpus of `configs/markov.yaml`,
+whose chain is known, the Bayes-optimal denoiser (forward-backward on the true chain, Monte Carlo over 3000
+sequences) reaches 0.331; the demo's model ends at 0.32, not a failure but nearly the optimum. So
+`mask_accuracy_low` is relative to what the data allows: it fires when accuracy is below 0.9 × the *unigram
+accuracy*, the share of the most frequent token in the training split (measured once when the data is prepared,
+`info.json`: 0.060 for the quickstart's stdlib corpus, 0.123 for the Markov one), i.e. when the model predicts
+worse than always guessing that token. Its `min` keeps the guide's absolute floor available
+(`metrics.health.mask_accuracy_low.min: 0.4`) for corpora where 40% is reachable. The guide's other reading,
+"mask accuracy stagnating", is `val_loss_plateau`: the validation loss (same noise at every evaluation, so it
+moves only when the model does) has not improved for `patience` evaluations after warm-up, unless it is within
+`tolerance` of the corpus optimum where one is known (the Markov chain's entropy per token, `optimal_loss`), since
+a converged model is flat too. A run with `optim.lr=0` fires both.
 """
 
 
