@@ -280,7 +280,9 @@ def largest_fitting(fits, start: int, limit: int) -> dict:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """CUDA's OOM (a RuntimeError subclass), or a library's allocation failure under the same memory pressure."""
+    msg = str(exc).lower()
+    return "out of memory" in msg or "alloc_failed" in msg
 
 
 def max_micro_batch(a, device: str, amp, name: str, arm: tuple) -> dict:
@@ -301,7 +303,7 @@ def max_micro_batch(a, device: str, amp, name: str, arm: tuple) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
                 peaks[b] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
+        except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise
             ok = False
