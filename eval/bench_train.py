@@ -3,11 +3,13 @@
     python eval/bench_train.py                       # CPU, the issue's shape: 6 x 384, 6 heads, L=128, B=16, V=8192
     python eval/bench_train.py --ablations           # + what each optimisation is worth (see ARMS below)
     python eval/bench_train.py --compile             # + torch.compile'd tdlm, with its compile time
+    python eval/bench_train.py --ar                  # + tdlm trained autoregressively (model.causal=true)
     python eval/bench_train.py --preset gpu-125m     # CUDA: 125M parameters, L=1024, bf16 autocast, MFU vs peak
+    python eval/bench_train.py --find-max-batch 1024 # + the largest micro-batch that fits (CUDA: until OOM)
 
-Both models train on the same batches with the same optimizer (``tdlm.train.build_optimizer``: AdamW, decay
-groups), gradient clipping and threads. tdlm runs the trainer's own loss path (``Trainer.compute_loss``: masking
-noise, the LM head at masked positions only, w(t)-weighted CE / valid tokens); BERT does what an HF user would:
+Both models train on the same batches with the same optimizer (``tdlm.engine.optim.build_optimizer``: AdamW,
+decay groups), gradient clipping and threads. tdlm runs the training loss path (``MaskedDiffusionTask.outputs``:
+masking noise, the LM head at masked positions only, w(t)-weighted CE / valid tokens); BERT does what an HF user would:
 the same masked inputs with ``labels`` = -100 off the masked positions, full logits, mean CE. Arms alternate in
 rotating order for ``--rounds`` rounds (``eval/bench_common.py``), medians and ratios reported; on CPU over the
 repetitions that got at least ``--min-cpu-share`` of the cores (``kept_rounds``; the all-rounds figures are
@@ -25,12 +27,21 @@ runs only at masked positions (about half), so its executed FLOPs are lower than
 divided by a measured fp32 (CPU) / bf16 (CUDA) matmul peak of this device: the better of torch.matmul (MKL on
 CPU) and oneDNN, 2048^2 (CPU) / 8192^2 (CUDA), interleaved with nothing else. On CUDA the spec-sheet dense bf16
 peak is reported too where the device is known (H100/H200 SXM: 989 TFLOP/s, H100 PCIe: 756).
+
+``--ar``: the same backbone with ``causal=True`` and the trainer's AR loss (next-token NLL, logits at every
+position); ``ratios.diffusion_vs_ar`` is how many times faster the diffusion step is (the goal: within ~5%).
+``--find-max-batch N``: after the timing, with only that arm's model and optimizer resident, the largest
+micro-batch of the tdlm arms (diffusion, and AR with ``--ar``) whose step fits, by doubling from ``--batch`` and
+bisecting to within 1/8; on a CPU nothing runs out of memory and the search stops at N. ``eval/gpu_check.py``
+runs these arms on a GPU in one call.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import sys
 import time
 from types import SimpleNamespace
 
@@ -39,10 +50,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench_common import emit, interleaved, machine_state, median, ratio, set_threads, spread, uncontended
-from tdlm.config import OptimSection, RunConfig
+from tdlm.config import OptimSection
 from tdlm.diffusion import apply_noise, make_schedule, sample_t
+from tdlm.engine.optim import build_optimizer
 from tdlm.model import TdlmConfig, TdlmForMaskedOrCausalLM, linear, onednn_mm
-from tdlm.train import Trainer, build_optimizer
+from tdlm.tasks import AutoregressiveTask, MaskedDiffusionTask  # the training loss path (its ``outputs``)
 
 PRESETS = {
     "cpu": dict(layers=6, hidden=384, heads=6, vocab=8192, seq_len=128, batch=16, rounds=10, warmup=2),
@@ -57,10 +69,10 @@ MASK_ID, PAD_ID = 0, 1
 # Models and steps
 
 
-def build_tdlm(a) -> TdlmForMaskedOrCausalLM:
+def build_tdlm(a, causal: bool = False) -> TdlmForMaskedOrCausalLM:
     cfg = TdlmConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
                      intermediate_size=8 * a.hidden // 3, max_seq_len=a.seq_len, mask_token_id=MASK_ID,
-                     pad_token_id=PAD_ID)
+                     pad_token_id=PAD_ID, causal=causal)
     return TdlmForMaskedOrCausalLM(cfg)
 
 
@@ -112,13 +124,25 @@ def make_step(model, loss_fn, optim_cfg: OptimSection, amp: torch.dtype | None):
     return step
 
 
+def task_stub(causal: bool = False) -> SimpleNamespace:
+    """What the text tasks' loss path (``outputs``) reads from its task, without building one (no data, no
+    accelerator), and that path."""
+    return SimpleNamespace(pad_id=PAD_ID, mask_id=MASK_ID, schedule=make_schedule("linear"),
+                           outputs=(AutoregressiveTask if causal else MaskedDiffusionTask).outputs)
+
+
 def tdlm_loss(stub):
     def loss(model, batch):
-        stub.model = model
-        out = Trainer.compute_loss(stub, {"input_ids": batch["ids"]}, batch["t"], batch["u"])
+        out = stub.outputs(stub, model, {"input_ids": batch["ids"]}, (batch["t"], batch["u"]))
         return out.loss_sum / out.num_tokens
 
     return loss
+
+
+def tdlm_ar_arm(a, device: str) -> tuple:
+    """The AR baseline on the same backbone: causal attention, next-token loss, logits at every position."""
+    torch.manual_seed(0)
+    return build_tdlm(a, causal=True).to(device), tdlm_loss(task_stub(causal=True)), OptimSection(), True
 
 
 def bert_loss(model, batch):
@@ -182,10 +206,11 @@ def build_arms(a, device: str) -> dict:
     torch.manual_seed(0)
     tdlm = build_tdlm(a).to(device)
     bert = build_bert(a).to(device)
-    stub = SimpleNamespace(pad_id=PAD_ID, mask_id=MASK_ID, causal=False, schedule=make_schedule("linear"),
-                           cfg=RunConfig())
+    stub = task_stub()
     fused = OptimSection()
     arms = {"tdlm": (tdlm, tdlm_loss(stub), fused, False), "bert": (bert, bert_loss, fused, True)}
+    if a.ar:
+        arms["tdlm_ar"] = tdlm_ar_arm(a, device)
     if a.ablations:
         arms["tdlm_full_head"] = (FullHead(copy.deepcopy(tdlm)), tdlm_loss(stub), fused, True)
         arms["tdlm_forloop_adamw"] = (copy.deepcopy(tdlm), tdlm_loss(stub), OptimSection(fused=False), False)
@@ -193,19 +218,21 @@ def build_arms(a, device: str) -> dict:
             arms["tdlm_mkl_gemm"] = (copy.deepcopy(tdlm).set_cpu_gemm("aten"), tdlm_loss(stub), fused, False)
             arms["bert_onednn_gemm"] = (use_onednn_linear(copy.deepcopy(bert)), bert_loss, fused, True)
     if a.compile:
-        arms["tdlm_compiled"] = (torch.compile(copy.deepcopy(tdlm)), tdlm_loss(stub), fused, False)
+        arms["tdlm_compiled"] = (torch.compile(copy.deepcopy(tdlm), backend=a.compile_backend), tdlm_loss(stub),
+                                 fused, False)
     return arms
 
 
-def make_batches(a, device: str, n: int = 4) -> list[dict]:
+def make_batches(a, device: str, n: int = 4, batch: int | None = None) -> list[dict]:
     """Token ids on the device; the noise t, u on the host, where the trainer draws it (tdlm masks there and
     sends the positions over asynchronously) and, for BERT, already on the device (``t_dev``, ``u_dev``)."""
     g = torch.Generator().manual_seed(1)
+    batch = batch or a.batch
     out = []
     for _ in range(n):
-        ids = torch.randint(4, a.vocab, (a.batch, a.seq_len), generator=g)
-        t = sample_t(a.batch, 1e-3, True, g)
-        u = torch.rand(a.batch, a.seq_len, generator=g)
+        ids = torch.randint(4, a.vocab, (batch, a.seq_len), generator=g)
+        t = sample_t(batch, 1e-3, True, g)
+        u = torch.rand(batch, a.seq_len, generator=g)
         out.append({"ids": ids.to(device), "t": t, "u": u, "t_dev": t.to(device), "u_dev": u.to(device)})
     return out
 
@@ -220,6 +247,79 @@ def memory_per_arm(steps: dict, batches: list[dict]) -> dict:
         step(batches[0])
         torch.cuda.synchronize()
         out[name] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+    return out
+
+
+def largest_fitting(fits, start: int, limit: int) -> dict:
+    """The largest batch b <= ``limit`` with ``fits(b)``: doubling from ``start``, then bisecting until the gap
+    to the first failing size is at most 1/8 of the fitting one (each probe is a full step at that size)."""
+    probes = {}
+
+    def probe(b):
+        probes[b] = fits(b)
+        return probes[b]
+
+    lo, hi, b = 0, None, max(1, min(start, limit))
+    while True:
+        if not probe(b):
+            hi = b
+            break
+        lo = b
+        if b >= limit:
+            break
+        b = min(2 * b, limit)
+    if lo == 0:  # even the start failed: halve down to 1
+        b = hi
+        while b > 1 and not probe(b // 2):
+            b //= 2
+        lo = b // 2 if b > 1 else 0
+        hi = b
+    while hi is not None and hi - lo > max(1, lo // 8):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if probe(mid) else (lo, mid)
+    return {"max": lo, "first_failing": hi, "limit": limit, "probes": [[k, v] for k, v in probes.items()]}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OOM (a RuntimeError subclass), or a library's allocation failure under the same memory pressure."""
+    msg = str(exc).lower()
+    return "out of memory" in msg or "alloc_failed" in msg
+
+
+def max_micro_batch(a, device: str, amp, name: str, arm: tuple) -> dict:
+    """``largest_fitting`` for one arm's optimizer step at sequence length ``a.seq_len`` (CUDA: until OOM), with
+    the peak memory of each fitting probe, GiB; only this arm's model and optimizer state are resident."""
+    model, loss, optim_cfg, _ = arm
+    step = make_step(model, loss, optim_cfg, amp)
+    step(make_batches(a, device, 1)[0])  # the optimizer state exists before the first probe is measured
+    peaks = {}
+
+    def fits(b):
+        ok = True
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            step(make_batches(a, device, 1, batch=b)[0])
+            if device == "cuda":
+                torch.cuda.synchronize()
+                peaks[b] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            ok = False
+        if not ok:  # the exception (and its frames' activations) is gone here: free what it held
+            for p in model.parameters():
+                p.grad = None
+            gc.collect()
+            torch.cuda.empty_cache()
+        return ok
+
+    out = largest_fitting(fits, a.batch, a.find_max_batch)
+    out["peak_memory_gib_at_max"] = peaks.get(out["max"])
+    out["tokens_at_max"] = out["max"] * a.seq_len
+    print(f"max micro-batch {name}: {out['max']} at L={a.seq_len} (first failing: {out['first_failing']})",
+          file=sys.stderr, flush=True)
     return out
 
 
@@ -257,12 +357,17 @@ def run(a) -> dict:
     steps = {name: make_step(m, loss, oc, amp) for name, (m, loss, oc, _) in arms.items()}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    compile_s = None
+    compile_s = compile_error = None
     if "tdlm_compiled" in steps:  # the first calls compile (and recompile once: M, the masked count, varies)
         t0 = time.perf_counter()
-        for b in batches:
-            steps["tdlm_compiled"](b)
-        compile_s = round(time.perf_counter() - t0, 1)
+        try:
+            for b in batches:
+                steps["tdlm_compiled"](b)
+            compile_s = round(time.perf_counter() - t0, 1)
+        except Exception as exc:  # noqa: BLE001 - a compiler failure drops its arm; the eager figures still count
+            compile_error = f"{type(exc).__name__}: {str(exc)[:2000]}"
+            print(f"tdlm_compiled dropped: {compile_error}", file=sys.stderr, flush=True)
+            del arms["tdlm_compiled"], steps["tdlm_compiled"]
     peak_arms, peak_f, peak_shape = matmul_arms(device)
     timed = {n: (lambda i, s=s: s(batches[i % len(batches)])) for n, s in steps.items()}
     timing = interleaved({**timed, **peak_arms}, rounds=a.rounds, warmup=a.warmup, sync=sync)
@@ -279,6 +384,10 @@ def run(a) -> dict:
         ratios["tdlm_vs_bert_onednn_gemm"] = ratio(sec, "bert_onednn_gemm", "tdlm")
     if "tdlm_mkl_gemm" in arms:
         ratios["onednn_gemm_vs_mkl_gemm_in_tdlm"] = ratio(sec, "tdlm_mkl_gemm", "tdlm")
+    if "tdlm_ar" in arms:  # > 1: the diffusion step is faster than the AR step on the same backbone
+        ratios["diffusion_vs_ar"] = ratio(sec, "tdlm_ar", "tdlm")
+    if "tdlm_compiled" in arms:
+        ratios["compiled_vs_eager"] = ratio(sec, "tdlm", "tdlm_compiled")
     out = {"benchmark": "train_step", "preset": a.preset, "device": device,
            "shape": {k: getattr(a, k) for k in ("layers", "hidden", "heads", "vocab", "seq_len", "batch")},
            "tdlm_intermediate_size": 8 * a.hidden // 3, "bert_intermediate_size": 4 * a.hidden,
@@ -297,8 +406,26 @@ def run(a) -> dict:
         out["spec_bf16_peak_tflops"] = spec / 1e12
     if compile_s is not None:
         out["tdlm_compiled_first_4_steps_s"] = compile_s
+    if compile_error is not None:
+        out["tdlm_compiled_error"] = compile_error
     if device == "cuda":
         out["peak_step_memory_gib"] = memory_per_arm(steps, batches)
+    if a.find_max_batch:
+        names = ["tdlm"] + (["tdlm_ar"] if "tdlm_ar" in arms else [])
+        arms = steps = timed = peak_arms = None  # the other arms' models and optimizer states leave first
+        out["max_micro_batch"] = {}
+        for name in names:
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            torch.manual_seed(0)
+            try:  # a failure here is recorded, and the timings above are still reported
+                arm = tdlm_ar_arm(a, device) if name == "tdlm_ar" else \
+                    (build_tdlm(a).to(device), tdlm_loss(task_stub()), OptimSection(), False)
+                out["max_micro_batch"][name] = max_micro_batch(a, device, amp, name, arm)
+            except Exception as exc:  # noqa: BLE001
+                out["max_micro_batch"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+            arm = None
     return out
 
 
@@ -314,6 +441,11 @@ def parse(argv=None):
                         "(0 = all); see eval/bench_common.py")
     p.add_argument("--ablations", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled arm (eval/gpu_check.py --dry-run: aot_eager)")
+    p.add_argument("--ar", action="store_true", help="add tdlm trained autoregressively (tdlm_ar)")
+    p.add_argument("--find-max-batch", type=int, default=0, metavar="N",
+                   help="also find the largest micro-batch <= N of the tdlm arms (0 = no)")
     a = p.parse_args(argv)
     a.preset = a.preset or ("gpu-125m" if torch.cuda.is_available() else "cpu")
     a.device = "cuda" if a.preset.startswith("gpu") else "cpu"

@@ -35,16 +35,57 @@ def test_uncontended_drops_starved_repetitions_and_keeps_rounds_aligned():
 def test_bench_train_tiny_with_ablations():
     a = bench_train.parse(["--preset", "cpu", "--layers", "1", "--hidden", "48", "--heads", "2", "--vocab", "64",
                            "--seq-len", "16", "--batch", "2", "--rounds", "2", "--warmup", "1", "--ablations",
-                           "--threads", "1"])
+                           "--threads", "1", "--ar"])
     out = bench_train.run(a)
     arms = out["arms"]
-    assert {"tdlm", "bert", "tdlm_full_head", "tdlm_forloop_adamw", "tdlm_mkl_gemm", "bert_onednn_gemm"} <= set(arms)
+    assert {"tdlm", "bert", "tdlm_full_head", "tdlm_forloop_adamw", "tdlm_mkl_gemm", "bert_onednn_gemm",
+            "tdlm_ar"} <= set(arms)
+    # the AR arm is the same backbone (causal attention has no parameters of its own), with the head everywhere
+    assert arms["tdlm_ar"]["params_matmul"] == arms["tdlm"]["params_matmul"]
+    assert arms["tdlm_ar"]["executed_flops_frac_of_peak"] == arms["tdlm_ar"]["mfu_model_flops"]
+    assert out["ratios"]["diffusion_vs_ar"]["of_medians"] > 0
     assert out["tdlm_intermediate_size"] == 128 and out["bert_intermediate_size"] == 192
     # same FFN parameters: 3 * 48 * 128 == 2 * 48 * 192; BERT adds its MLM transform (48 x 48)
     assert arms["bert"]["params_matmul"] - arms["tdlm"]["params_matmul"] == 48 * 48
     for arm in arms.values():
         assert arm["tokens_per_s"] > 0 and arm["executed_flops_frac_of_peak"] <= arm["mfu_model_flops"]
     assert out["ratios"]["tdlm_vs_bert"]["of_medians"] > 0
+
+
+def test_largest_fitting_doubles_then_bisects_to_an_eighth():
+    probes = []
+
+    def fits_up_to(n):
+        return lambda b: probes.append(b) or b <= n
+
+    r = bench_train.largest_fitting(fits_up_to(36), 16, 1024)
+    assert (r["max"], r["first_failing"]) == (36, 40) and probes == [16, 32, 64, 48, 40, 36]
+    assert bench_train.largest_fitting(fits_up_to(3), 16, 1024)["max"] == 3  # the start fails: halve, then bisect
+    assert bench_train.largest_fitting(fits_up_to(10**6), 16, 100) | {"probes": None} == \
+        {"max": 100, "first_failing": None, "limit": 100, "probes": None}
+    assert bench_train.largest_fitting(fits_up_to(0), 4, 100)["max"] == 0
+
+
+def test_max_micro_batch_treats_out_of_memory_as_not_fitting(monkeypatch):
+    """The search's OOM handling, on CPU: a step that raises torch.OutOfMemoryError above 5 sequences, and one
+    that raises another error, which must not be taken for 'too big'."""
+    import torch
+
+    def fake_make_step(model, loss_fn, optim_cfg, amp, fail=None):
+        def step(batch):
+            if batch["ids"].shape[0] > 5:
+                raise (fail or torch.OutOfMemoryError)("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step
+
+    a = bench_train.parse(["--preset", "cpu", "--layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "64",
+                           "--seq-len", "8", "--batch", "2", "--find-max-batch", "64"])
+    arm = (bench_train.build_tdlm(a), None, bench_train.OptimSection(), False)
+    monkeypatch.setattr(bench_train, "make_step", fake_make_step)
+    r = bench_train.max_micro_batch(a, "cpu", None, "tdlm", arm)
+    assert (r["max"], r["first_failing"], r["tokens_at_max"]) == (5, 6, 40)
+    monkeypatch.setattr(bench_train, "make_step", lambda *x: fake_make_step(*x, fail=ValueError))
+    with pytest.raises(ValueError):
+        bench_train.max_micro_batch(a, "cpu", None, "tdlm", arm)
 
 
 def test_step_flops_counts_the_head_at_masked_positions_only():
