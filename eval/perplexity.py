@@ -41,7 +41,7 @@ def parse_args(argv):
     p.add_argument("--estimator", default="stratified", choices=ESTIMATORS)
     p.add_argument("--mc-passes", type=int, default=4, help="Monte-Carlo passes over the set (>= 2 for a stderr)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--t-min", type=float, default=None, help="default: the run's diffusion.t_min (else 1e-3)")
+    p.add_argument("--t-min", type=float, default=None, help="default: the checkpoint's own (its model config)")
     p.add_argument("--batch-size", type=int, default=16, help="per process")
     p.add_argument("--max-sequences", type=int, default=0, help="0 = the whole split")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -57,8 +57,8 @@ def compute(args, accelerator) -> dict:
     """The result dict (identical on every process)."""
     ck = load_checkpoint(args.checkpoint, args.which)
     return checkpoint_likelihood(ck, accelerator, split=args.split or "validation", data_dir=args.data,
-                                 text_files=args.text, estimator=args.estimator, passes=args.mc_passes, seed=args.seed, t_min=args.t_min,
-                                 batch_size=args.batch_size, max_sequences=args.max_sequences)
+                                 text_files=args.text, estimator=args.estimator, passes=args.mc_passes, seed=args.seed,
+                                 t_min=args.t_min, batch_size=args.batch_size, max_sequences=args.max_sequences)
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -313,3 +314,37 @@ def test_review_online_path_with_the_wandb_api_mocked(monkeypatch, tmp_path):
     assert alpha["health"][0]["rule"] == "nan_loss" and alpha["health"][0]["steps"] == [30]
     assert alpha["val_perplexity"]["best"] == 2.5 and alpha["val_perplexity"]["best_step"] == 50
     assert beta["last_step"] == 20 and alpha["source"] == "wandb:ent/proj/alpha-id"
+
+
+def test_a_checkpoint_scored_outside_its_run_dir_uses_its_own_schedule(tmp_path, capsys):
+    """The schedule and t_min are saved with the model: a checkpoint copied away from its run directory (no
+    config.yaml beside it) is scored under the cosine schedule it was trained with, not a default."""
+    from tdlm.accel import eval_accelerator, release
+    from tdlm.likelihood import checkpoint_likelihood
+    from tdlm.runs import load_checkpoint
+
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"trainer.max_steps": 2, "trainer.eval_every_n_steps": 2,
+                                                        "diffusion.schedule": "cosine", "diffusion.t_min": 0.05}))
+    engine = text_engine(cfg)
+    engine.fit()
+    engine.close()
+    ckpt = cfg.run_dir / "checkpoints" / "step_0000002"
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(ckpt, moved)
+    text = tmp_path / "symbols.txt"
+    text.write_text("\n\n".join(" ".join("abcdef"[(i * j) % 6] for j in range(40)) for i in range(1, 9)))
+    argv = ["--text", str(text), "--estimator", "exact-k", "--mc-passes", "2", "--json"]
+    inside = run_json(perplexity, ["--checkpoint", str(ckpt), *argv], capsys)
+    outside = run_json(perplexity, ["--checkpoint", str(moved), *argv], capsys)
+    assert load_checkpoint(moved).config is None  # nothing but the checkpoint itself to go on
+    assert (outside["schedule"], outside["t_min"]) == (inside["schedule"], inside["t_min"]) == ("cosine", 0.05)
+    assert outside["nelbo_per_token"] == inside["nelbo_per_token"]
+    # and the schedule matters: the same checkpoint scored as if it were linear gives another number
+    ck = load_checkpoint(moved)
+    ck.model.config.schedule = "linear"
+    acc = eval_accelerator()
+    try:
+        linear = checkpoint_likelihood(ck, acc, text_files=[str(text)], estimator="exact-k", passes=2)
+    finally:
+        release(acc)
+    assert linear["schedule"] == "linear" and abs(linear["nelbo_per_token"] - outside["nelbo_per_token"]) > 1e-3

@@ -6,8 +6,9 @@ import pytest
 import torch
 from test_diffusion import TinyDenoiser
 
-from tdlm.diffusion import LinearSchedule
-from tdlm.sampling import SamplerConfig, ancestral_sample, ar_generate, filter_logits, generate, gumbel_argmax
+from tdlm.diffusion import LinearSchedule, make_schedule
+from tdlm.sampling import (SamplerConfig, ancestral_sample, ar_generate, filter_logits, generate, gumbel_argmax,
+                           masked_fraction)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MASK, V = 0, 5
@@ -125,8 +126,13 @@ def test_step_schedules_set_how_many_tokens_each_step_commits():
                                                                        step_schedule=sched))
         seen[sched] = [int((z == MASK).sum()) for z in model.seen]
     assert seen["linear"] == [16, 12, 8, 4]
-    # cosine: masked fraction cos(pi tau / 2) -> commit round(16 (1 - m)) = 1, 5, 10, 16 tokens by steps 1..4
-    assert seen["cosine"] == [16, 15, 11, 6]
+    # cosine: the noise schedule's curve, masked fraction m = 1 - alpha(1 - tau) = 1 - sin(pi tau / 2) ->
+    # commit round(16 (1 - m)) = 6, 11, 15, 16 tokens by steps 1..4
+    assert seen["cosine"] == [16, 10, 5, 1]
+    for tau in (0.1, 0.5, 0.9):  # one name, one curve: the sampler's cosine is training's cosine schedule
+        assert masked_fraction("cosine", tau) == pytest.approx(1 - math.sin(math.pi * tau / 2), abs=1e-12)
+        assert masked_fraction("cosine", tau) == pytest.approx(
+            float(make_schedule("cosine").mask_prob(torch.tensor(1 - tau, dtype=torch.float64))), abs=1e-15)
     # the ancestral sampler under the training NoiseSchedule reproduces the linear reveal probabilities
     torch.manual_seed(0)
     ids = ancestral_sample(TinyDenoiser(L), LinearSchedule(), 3, L, MASK, steps=8,

@@ -50,9 +50,15 @@ class Engine:
             task.check_resume(resume_from, read_state(resume_from))
         elif t.resume:
             acc.print(f"trainer.resume={t.resume}: no checkpoint in {self.ckpt_root}; starting from step 0")
+        self._prepare_training()
+        self._open_run(resume_from, replace_old_run)
 
-        optimizer = build_optimizer(task.model, cfg.optim, task.no_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, t.max_steps))
+    def _prepare_training(self) -> None:
+        """Optimizer, LR schedule, training loader, Accelerate's wrapping, compilation, EMA and the loop state; the
+        stateful ones registered for checkpointing in a fixed order (a resume loads them by position)."""
+        acc, t, task = self.accelerator, self.cfg.trainer, self.task
+        optimizer = build_optimizer(task.model, self.cfg.optim, task.no_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.optim, t.max_steps))
         train_dl = torch.utils.data.DataLoader(
             task.train_set, batch_size=t.micro_batch_size, shuffle=True, drop_last=True, collate_fn=task.collate_fn,
             num_workers=t.num_workers, pin_memory=acc.device.type == "cuda",
@@ -68,7 +74,7 @@ class Engine:
         # one (other shapes and flags would each cost a recompile), checkpoints save the plain one (same keys).
         self.train_model = self.model
         if t.compile:
-            if cfg.metrics.tiers.research.enabled:
+            if self.cfg.metrics.tiers.research.enabled:
                 # research collectors take extra backward passes through the retained graph, which a compiled
                 # backward that donates (reuses) its saved buffers refuses
                 torch._functorch.config.donated_buffer = False
@@ -79,6 +85,10 @@ class Engine:
             acc.register_for_checkpointing(self.ema)
         self.state = LoopState()
         acc.register_for_checkpointing(self.state)
+
+    def _open_run(self, resume_from: Path | None, replace_old_run: bool) -> None:
+        """Load the checkpoint to resume from, (re)create the run directory, open the sinks and the metrics."""
+        acc = self.accelerator
         metric_state = {}
         if resume_from is not None:
             acc.load_state(str(resume_from))
@@ -86,14 +96,14 @@ class Engine:
             acc.print(f"resumed from {resume_from} at step {self.state.step}")
         if self.ema is not None:
             self.ema.module.eval()  # evaluation and samples: never dropout or a random CFG drop
-        prepare_run_dir(acc, cfg, replace_old_run)
+        prepare_run_dir(acc, self.cfg, replace_old_run)
         self.sinks = []
         if acc.is_main_process:
-            task.export(self.run_dir)
-            self.sinks, self.state.wandb_id = run_sinks(cfg, self.state.step, self.state.wandb_id,
-                                                        task.metric_specs())
+            self.task.export(self.run_dir)
+            self.sinks, self.state.wandb_id = run_sinks(self.cfg, self.state.step, self.state.wandb_id,
+                                                        self.task.metric_specs())
         # Every process computes (collectors sync sums across processes); only the main one has sinks.
-        self.metrics = task.build_metrics(self.sinks, acc.is_main_process)
+        self.metrics = self.task.build_metrics(self.sinks, acc.is_main_process)
         if resume_from is not None:
             self.metrics.load_state_dict(metric_state, rank=acc.process_index)
 

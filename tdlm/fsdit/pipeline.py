@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdlm.config import ConfigError
+from tdlm.engine.config import ConfigError
 from tdlm.fsdit.data import FewShotDataset, to_unit_range
 from tdlm.fsdit.siglip import OnlineEmbedder, SiglipEncoder, pool_support, precompute_embeddings, tiny_siglip_config
 
