@@ -150,7 +150,8 @@ def test_nan_stops_before_saving_the_poisoned_state(tiny, tmp_path, monkeypatch,
     assert [p.name for p in list_checkpoints(rd / "checkpoints")] == kept
     capsys.readouterr()
     assert main([CONFIG, *overrides, "trainer.overwrite=true"]) == 3
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: ")]
+    health_notes = ("warning: ", "health/")  # a rule starting or clearing to fire on the tiny run is not an error
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith(health_notes)]
     assert len(err) == 1 and "step 6" in err[0] and "step_0000004" in err[0]
     assert [p.name for p in list_checkpoints(rd / "checkpoints")] == kept
 
