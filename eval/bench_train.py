@@ -54,6 +54,7 @@ from tdlm.config import OptimSection
 from tdlm.diffusion import apply_noise, make_schedule, sample_t
 from tdlm.engine.optim import build_optimizer
 from tdlm.model import TdlmConfig, TdlmForMaskedOrCausalLM, linear, onednn_mm
+from tdlm.noise import TrainingNoise
 from tdlm.tasks import AutoregressiveTask, MaskedDiffusionTask  # the training loss path (its ``outputs``)
 
 PRESETS = {
@@ -127,8 +128,9 @@ def make_step(model, loss_fn, optim_cfg: OptimSection, amp: torch.dtype | None):
 def task_stub(causal: bool = False) -> SimpleNamespace:
     """What the text tasks' loss path (``outputs``) reads from its task, without building one (no data, no
     accelerator), and that path."""
-    return SimpleNamespace(pad_id=PAD_ID, mask_id=MASK_ID, schedule=make_schedule("linear"),
-                           outputs=(AutoregressiveTask if causal else MaskedDiffusionTask).outputs)
+    return SimpleNamespace(pad_id=PAD_ID, mask_id=MASK_ID, outputs=(AutoregressiveTask if causal else
+                                                                     MaskedDiffusionTask).outputs,
+                           noise=TrainingNoise("bernoulli", make_schedule("linear"), 1e-3))
 
 
 def tdlm_loss(stub):

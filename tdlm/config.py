@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from tdlm.engine.config import (ConfigError, MetricsSection, OptimSection, RunPaths, TrainerSection,  # noqa: F401
                                 WandbSection, build_config, check_values, load, validate_shared)
@@ -74,6 +75,12 @@ class DiffusionSection:
     loglinear_eps: float = 1e-3
     clip_weight: float = 0.0
     """>0 clips w(t) for the *training* gradient only (biased); reported NELBO never uses it."""
+    estimator: Literal["bernoulli", "exact-k", "importance"] = "bernoulli"
+    """How the training noise is drawn; each is unbiased for the same NELBO (``tdlm/noise.py``, docs/diffusion.md):
+    bernoulli (t per sequence, independent masks, w(t)), exact-k (exactly k ~ U{1..L} tokens, (L/k) c_k),
+    importance (t from q ∝ t^-proposal_power, w(t) p/q). Validation always scores the same Bernoulli noise."""
+    proposal_power: float = 0.5
+    """a in [0, 1) of the importance proposal q(t) ∝ t^-a (0 = uniform: the Bernoulli estimator)."""
 
 
 @dataclass
@@ -114,6 +121,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_values(cfg, _CHOICES, _POSITIVE, _NON_NEGATIVE, _UNIT)
     if not 0.0 <= cfg.diffusion.t_min < 1.0:
         raise ConfigError(f"diffusion.t_min: must be in [0, 1), got {cfg.diffusion.t_min}")
+    if not 0.0 <= cfg.diffusion.proposal_power < 1.0:
+        raise ConfigError(f"diffusion.proposal_power: must be in [0, 1) (0 = uniform t; 0.5 = the small-t optimum), "
+                          f"got {cfg.diffusion.proposal_power}")
+    if cfg.diffusion.estimator != "bernoulli" and cfg.model.causal:
+        raise ConfigError(f"diffusion.estimator: {cfg.diffusion.estimator} is a masked-diffusion estimator; an AR "
+                          f"run (model.causal=true) draws no noise")
     if not 0.0 < cfg.diffusion.loglinear_eps < 1.0:
         raise ConfigError(f"diffusion.loglinear_eps: must be in (0, 1), got {cfg.diffusion.loglinear_eps}")
     if not 0.0 < cfg.data.val_fraction < 1.0:

@@ -35,6 +35,7 @@ import torch
 
 from .diffusion import NoiseSchedule, noise_mask
 from .engine.randomness import keyed_generator
+from .noise import exact_k_mask, exact_k_weight
 from .objective import autoregressive_outputs, masked_diffusion_outputs, sequence_sums
 
 ESTIMATORS = ("stratified", "iid", "exact-k")
@@ -70,15 +71,9 @@ class NelboEstimator:
         return self._perms[pass_idx]
 
     def exact_k_weight(self, k: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        """(L / k) * c_k in float64 (see the module docstring); exactly L / k for t_min = 0, linear schedule."""
-        from scipy.special import betainc
-
-        k64, length64 = k.double(), length.double()
-        a, b = k64.numpy(), (length64 - k64 + 1).numpy()
-        c = (torch.from_numpy(betainc(a, b, self.m_hi)) - torch.from_numpy(betainc(a, b, self.m_lo)))
-        if self.m_lo == 0.0 and self.m_hi == 1.0:
-            c = torch.ones_like(k64)  # exact in floating point
-        return length64 / k64 * c / (1.0 - self.t_min)
+        """(L / k) * c_k in float64 (see the module docstring); exactly L / k for t_min = 0, linear schedule.
+        The same function the training estimator uses (``tdlm.noise.exact_k_weight``)."""
+        return exact_k_weight(k, length, self.schedule, self.t_min)
 
     def noise(self, valid: torch.Tensor, index: torch.Tensor, pass_idx: int):
         """Masked positions (B, L) bool (never on pads) and per-sequence weights (B,) float64."""
@@ -87,13 +82,9 @@ class NelboEstimator:
         # One draw of L + 1 uniforms per sequence from its own generator: u[:, 0] picks t (or k), u[:, 1:] the mask.
         u = torch.stack([torch.rand(L + 1, generator=noise_generator(self.seed, pass_idx, i), dtype=torch.float64)
                          for i in index.tolist()]) if B else torch.empty(0, L + 1, dtype=torch.float64)
-        if self.name == "exact-k":
-            lengths = valid_cpu.sum(1)  # (B,)
-            k = (u[:, 0] * lengths).floor().long().clamp(max=lengths - 1) + 1  # k ~ U{1..L_valid}
-            scores = u[:, 1:].masked_fill(~valid_cpu, 2.0)  # pads rank last
-            ranks = scores.argsort(1).argsort(1)  # a uniformly random order of the valid positions
-            masked = (ranks < k[:, None]) & valid_cpu
-            weight = torch.where(lengths > 0, self.exact_k_weight(k.clamp_min(1), lengths.clamp_min(1)), 0.0)
+        if self.name == "exact-k":  # k ~ U{1..L_valid}, a uniformly random k-subset of the valid positions
+            masked, k = exact_k_mask(u[:, 0], u[:, 1:], valid_cpu)
+            weight = self.exact_k_weight(k, valid_cpu.sum(1))
         else:
             u_t = u[:, 0]
             if self.name == "stratified":

@@ -33,23 +33,25 @@ class StepOutputs:
     token_ce: torch.Tensor | None = None     # (M,) CE of masked tokens (AR: (B, L-1) NLL)
     logits: torch.Tensor | None = None       # (M, V) logits of masked tokens (AR: (B, L, V))
     positions: torch.Tensor | None = None    # (M,) flat index b * L + i of each masked token, row-major
+    t_ratio: torch.Tensor | None = None      # (B,) p(t) / q(t) of an importance-sampled t (None: 1)
 
 
 def masked_diffusion_outputs(model, ids: torch.Tensor, valid: torch.Tensor, masked: torch.Tensor,
                              positions: torch.Tensor, weight: torch.Tensor, mask_token_id: int,
                              attention_mask: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                             clip_weight: float = 0.0) -> StepOutputs:
+                             clip_weight: float = 0.0, t_ratio: torch.Tensor | None = None) -> StepOutputs:
     """The weighted CE of the masked tokens. ``masked`` (B, L) bool and ``positions`` (M,) (its flat row-major
     indices, passed so a caller that built them on the host needs no device sync); ``weight`` (B,) per sequence.
     The model projects onto the vocabulary at the masked positions only. ``clip_weight`` > 0 clips the weight in
-    ``loss_sum`` (a biased gradient); ``sequence_sums`` always uses the true weight."""
+    ``loss_sum`` (a biased gradient); ``sequence_sums`` always uses the true weight. The weight is the estimator's
+    (``tdlm/noise.py``): w(t), (L/k) c_k, or w(t) p(t)/q(t)."""
     noisy = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
     logits = model(noisy, attention_mask, logits_index=positions)  # (M, V)
     ce = diffusion_token_losses(logits, ids.flatten()[positions])
     w = weight[positions // ids.shape[1]]
     if clip_weight > 0:
         w = w.clamp(max=clip_weight)
-    return StepOutputs((w * ce).sum(), valid.sum(), ids, valid, masked, t, weight, ce, logits, positions)
+    return StepOutputs((w * ce).sum(), valid.sum(), ids, valid, masked, t, weight, ce, logits, positions, t_ratio)
 
 
 def autoregressive_outputs(model, ids: torch.Tensor, valid: torch.Tensor,

@@ -18,11 +18,12 @@ import torch
 
 from tdlm.config import ConfigError, load_config
 from tdlm.data import Collator, resolve_data, tokenizer_fingerprint
-from tdlm.diffusion import make_schedule, noise_mask, sample_t
+from tdlm.diffusion import make_schedule
 from tdlm.engine.launch import run_cli
 from tdlm.engine.randomness import keyed_generator
 from tdlm.engine.task import LossOutput, Task
 from tdlm.model import TdlmForMaskedOrCausalLM, build_model
+from tdlm.noise import TrainingNoise
 from tdlm.objective import (StepOutputs, autoregressive_outputs, masked_diffusion_outputs, reported_sum,
                             sequence_sums)
 
@@ -111,7 +112,7 @@ class TextTask(Task):
         return load_exported(model_dir)
 
     # ---------------------------------------------------------------------------------------- one step
-    def outputs(self, model, batch, noise: tuple, clip_weight: float = 0.0) -> StepOutputs:
+    def outputs(self, model, batch, noise: tuple, clip_weight: float = 0.0, validation: bool = False) -> StepOutputs:
         raise NotImplementedError
 
     def loss(self, model, batch, noise):
@@ -147,7 +148,7 @@ class TextTask(Task):
             if per_process and i >= per_process:
                 break
             idx = batch["idx"].cpu()
-            out = self.outputs(model, batch, tuple(x[idx] for x in self.val_noise))
+            out = self.outputs(model, batch, tuple(x[idx] for x in self.val_noise), validation=True)
             rows = torch.cat([sequence_sums(out), batch["idx"][:, None].to(torch.float64)], 1)
             rows = acc.gather_for_metrics(rows)  # drops the rows Accelerate duplicated to even out shards
             if limit:
@@ -183,35 +184,37 @@ class MaskedDiffusionTask(TextTask):
         super().__init__(cfg, accelerator)
         d = cfg.diffusion
         self.schedule = make_schedule(d.schedule, d.loglinear_eps)
-        self.val_noise = self.draw_noise(keyed_generator(cfg.trainer.seed, 0, salt=VALIDATION_SALT),
-                                         len(self.data.validation))
+        self.noise = TrainingNoise(d.estimator, self.schedule, d.t_min, d.stratified, d.proposal_power)
+        # Validation keeps one fixed Bernoulli noise whatever the training estimator: the same corruptions at every
+        # evaluation, and a bound that does not depend on how the training gradient is estimated.
+        self.val_estimator = TrainingNoise("bernoulli", self.schedule, d.t_min, d.stratified)
+        self.val_noise = self.val_estimator.draw(keyed_generator(cfg.trainer.seed, 0, salt=VALIDATION_SALT),
+                                                 len(self.data.validation), cfg.data.seq_len)
 
     def draw_noise(self, generator, rows):
-        t = sample_t(rows, self.cfg.diffusion.t_min, self.cfg.diffusion.stratified, generator)
-        return t, torch.rand(rows, self.cfg.data.seq_len, generator=generator)
+        return self.noise.draw(generator, rows, self.cfg.data.seq_len)
 
     def num_targets(self, batch):
         return (batch["input_ids"] != self.pad_id).sum()
 
-    def outputs(self, model, batch, noise, clip_weight=0.0):
+    def outputs(self, model, batch, noise, clip_weight=0.0, validation=False):
         """No host sync on a GPU: a packed batch (no padding, so no ``attention_mask``) is masked on the host,
         where the noise is, and the masked positions go to the device as an index of known length, by
         asynchronous copies from pinned memory. A padded batch needs the device's pad mask, so it is masked
-        there and its masked count is read back (one sync)."""
-        t, uniforms = noise
+        there and its masked count is read back (one sync); exact-k ranks the valid positions on the host."""
+        estimator = self.val_estimator if validation else self.noise
         ids, attn = batch["input_ids"], batch.get("attention_mask")
         valid = ids != self.pad_id
-        if attn is None:  # every position is valid: the mask depends on the noise alone
-            masked = noise_mask(t, uniforms, self.schedule)
+        if attn is None or estimator.estimator == "exact-k":  # on the host
+            masked, t, weight, ratio = estimator.mask(*noise, None if attn is None else valid.cpu())
             positions = masked.flatten().nonzero().squeeze(1)
-            masked, positions, t = (to_device(x, ids.device) for x in (masked, positions, t))
+            masked, positions, t, weight, ratio = (to_device(x, ids.device)
+                                                   for x in (masked, positions, t, weight, ratio))
         else:
-            t = to_device(t, ids.device)
-            masked = noise_mask(t, to_device(uniforms, ids.device), self.schedule, valid)
+            masked, t, weight, ratio = estimator.mask(*(to_device(x, ids.device) for x in noise), valid)
             positions = masked.flatten().nonzero().squeeze(1)
-        weight = self.schedule.weight(t.float())
         return masked_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, attn, t,
-                                        clip_weight)
+                                        clip_weight, ratio)
 
     def sample(self, model, n, steps, seed=0):
         from tdlm.sampling import ancestral_sample
@@ -229,7 +232,7 @@ class AutoregressiveTask(TextTask):
     def num_targets(self, batch):
         return (batch["input_ids"][:, 1:] != self.pad_id).sum()
 
-    def outputs(self, model, batch, noise, clip_weight=0.0):
+    def outputs(self, model, batch, noise, clip_weight=0.0, validation=False):
         ids = batch["input_ids"]
         return autoregressive_outputs(model, ids, ids != self.pad_id, batch.get("attention_mask"))
 

@@ -120,3 +120,19 @@ def test_deepspeed_zero3_matches_and_exports_consolidated_model(reference):
     for name, tensor in expected.state_dict().items():  # full shapes, same values as the 1-process model
         torch.testing.assert_close(exported.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     print(f"ZeRO-3 2 processes vs 1: worst relative loss difference {worst:.2e}")
+
+
+def test_exact_k_two_processes_match_one_process(reference):
+    """diffusion.estimator=exact-k: k is stratified over the global batch and drawn by the step's generator, and
+    the padded rows are ranked on the host, so 2 processes log what 1 process does."""
+    tmp, corpus, _ = reference
+    exact_k = {"diffusion.estimator": "exact-k"}
+    one = text_engine(load_config(CONFIG, overrides(tmp, corpus, **exact_k, **{"trainer.run_name": "k1",
+                                                                              "trainer.grad_accum_steps": 2})))
+    try:
+        one.fit()
+    finally:
+        one.close()
+    launch("multi_cpu.yaml", overrides(tmp, corpus, **exact_k, **{"trainer.run_name": "k2"}))
+    worst = assert_same_metrics(tmp / "runs" / "k1", tmp / "runs" / "k2")
+    print(f"exact-k, DDP 2 processes vs 1: worst relative loss difference {worst:.2e}")

@@ -16,15 +16,21 @@ X = torch.tensor([1, 3, 2, 4, 4, 1])
 
 
 class Wrapped(torch.nn.Module):
-    """TinyDenoiser behind the backbone's call signature (ids, attention_mask, logits_mask=...)."""
+    """TinyDenoiser behind the backbone's call signature (ids, attention_mask, logits_index=... or logits_mask=...)."""
 
     def __init__(self):
         super().__init__()
         self.net = TinyDenoiser(L)
 
-    def forward(self, ids, attention_mask=None, logits_mask=None):
-        logits = self.net(ids)
-        return logits[logits_mask] if logits_mask is not None else logits
+    def forward(self, ids, attention_mask=None, logits_mask=None, logits_index=None):
+        return selected(self.net(ids), logits_mask, logits_index)
+
+
+def selected(logits, logits_mask=None, logits_index=None):
+    """The backbone's logit selection: flat positions (``logits_index``), a boolean mask, or everything."""
+    if logits_index is not None:
+        return logits.flatten(0, 1).index_select(0, logits_index)
+    return logits[logits_mask] if logits_mask is not None else logits
 
 
 def passes_of(estimator, model, n, K, x=X):
@@ -85,10 +91,10 @@ class Memorizer(torch.nn.Module):
     """Knows X32 and is the more confident the fewer tokens are masked: the loss per token grows with t, as in a
     trained model, which is the variance that stratifying t removes."""
 
-    def forward(self, ids, attention_mask=None, logits_mask=None):
+    def forward(self, ids, attention_mask=None, logits_mask=None, logits_index=None):
         clean = (ids != MASK).double().mean(1)  # (B,)
         logits = 8.0 * clean[:, None, None] * F.one_hot(X32, 5).double()  # (B, L, V)
-        return logits[logits_mask] if logits_mask is not None else logits
+        return selected(logits, logits_mask, logits_index)
 
 
 def test_stratified_and_exact_k_have_lower_variance_than_iid(model):

@@ -57,6 +57,15 @@ def test_essential_collectors_known_values():
     assert feed(T.TrainLoss(), out)["train/loss"] == pytest.approx(float(out.loss_sum) / 11)
 
 
+def test_estimator_spread_is_the_std_of_the_rows_nelbo_per_token():
+    out, w_tok = hand_batch()
+    per_row = torch.zeros(3, dtype=torch.float64).index_add_(
+        0, torch.tensor([0, 1, 1, 2, 2, 2]), w_tok.double() * out.token_ce.double()) / torch.tensor([4.0, 4.0, 3.0])
+    got = feed(T.EstimatorSpread(), out)["research/nelbo_row_std"]
+    assert got == pytest.approx(float(per_row.std(unbiased=False)), rel=1e-12)
+    assert got == pytest.approx(float(np.std(per_row.numpy())), rel=1e-12)
+
+
 def test_train_loss_reports_the_unclipped_nelbo():
     out, w_tok = hand_batch()
     clipped = StepOutputs((w_tok.clamp(max=2) * out.token_ce).sum(), *list(vars(out).values())[1:])
@@ -253,7 +262,7 @@ def test_runner_built_from_config_respects_tiers(tiny):
     assert isinstance(runner, MetricRunner)
     assert {type(c).__name__ for c in runner.collectors} == {
         "TrainLoss", "Optimization", "ParamNorm", "Validation", "DiffusionTime", "MaskAccuracy", "CorruptionBuckets",
-        "WeightDifficulty", "BucketGradNorms"}
+        "WeightDifficulty", "EstimatorSpread", "BucketGradNorms"}
     essential_off = load_config(None, tiny(**{"metrics.tiers.essential.enabled": False}))
     # the loss (the NaN stop reads it) and validation (the best checkpoint is chosen by it) run whatever the tiers
     assert {type(c).__name__ for c in build_text_metrics(essential_off, mask_id=MASK).collectors} == {

@@ -15,6 +15,7 @@ from tdlm.model import TdlmConfig, TdlmForMaskedOrCausalLM, linear, onednn_mm
 from tdlm.engine.optim import build_optimizer
 from tdlm.engine.task import LossOutput
 from tdlm.objective import reported_sum
+from tdlm.noise import TrainingNoise
 from tdlm.tasks import MaskedDiffusionTask
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
@@ -94,7 +95,7 @@ def test_trainer_loss_matches_plain_reference(padded):
     """The masked-diffusion task's loss (masked head, weighted CE) == full logits, log_softmax, gather, w(t), /
     valid tokens; for a packed batch (masked on the host) and a padded one (masked on the device)."""
     model = tiny_model()
-    task = SimpleNamespace(pad_id=1, mask_id=0, schedule=make_schedule("linear"))  # what the loss path reads
+    task = SimpleNamespace(pad_id=1, mask_id=0, noise=TrainingNoise("bernoulli", make_schedule("linear"), 1e-3))  # what the loss path reads
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(2, 97, (4, 16), generator=g)
     if padded:
@@ -135,7 +136,7 @@ def test_training_step_reads_nothing_back_from_the_device():
 
     model = tiny_model().to("meta")
     cfg = RunConfig()
-    task = SimpleNamespace(pad_id=1, mask_id=0, schedule=make_schedule("linear"))
+    task = SimpleNamespace(pad_id=1, mask_id=0, noise=TrainingNoise("bernoulli", make_schedule("linear"), 1e-3))
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(2, 97, (4, 16), generator=g).to("meta")
     t, u = sample_t(4, 1e-3, True, g), torch.rand(4, 16, generator=g)

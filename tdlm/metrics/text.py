@@ -16,6 +16,7 @@ from tdlm.metrics import common
 from tdlm.metrics import functional as Fm
 from tdlm.metrics.common import ENGINE_NEEDS
 from tdlm.metrics.core import Collector, MetricSpec, Need, Registry, loss_grad_vectors
+from tdlm.objective import sequence_sums
 
 BUCKETS = ("low", "medium", "high")
 BUCKET_EDGES = (0.3, 0.7)  # mask ratio of the sequence: [0, .3) low, [.3, .7) medium, [.7, 1] high
@@ -101,8 +102,10 @@ class ParamNorm(common.ParamNorm):
 @_diffusion_only
 @TEXT.register
 class DiffusionTime(Collector):
-    """Mean diffusion time t over every sequence of the window. t ~ U[t_min, 1], so it should sit at
-    (1 + t_min)/2 ≈ 0.5; stratified sampling over the global batch keeps it within a fraction of a percent."""
+    """Mean diffusion time t over every sequence of the window, as the NELBO's t ~ U[t_min, 1] sees it, so it
+    should sit at (1 + t_min)/2 ≈ 0.5 whatever ``diffusion.estimator`` draws: an importance-sampled t is weighted
+    by p(t)/q(t) (self-normalised), and an exact-k row's t is its masked fraction k / L, whose mean is
+    (L + 1) / 2L. Stratified sampling over the global batch keeps it within a fraction of a percent."""
 
     tier = "essential"
     needs = ("t",)
@@ -114,9 +117,10 @@ class DiffusionTime(Collector):
         self.add_state("rows", _zeros())
 
     def update(self, inputs):
-        t = inputs["batch"].t
-        self.t_sum += t.double().sum()
-        self.rows += t.numel()
+        out = inputs["batch"]
+        ratio = out.t_ratio.double() if out.t_ratio is not None else torch.ones_like(out.t, dtype=torch.float64)
+        self.t_sum += (out.t.double() * ratio).sum()
+        self.rows += ratio.sum()
 
     def compute(self):
         return {"diffusion/t_mean": Fm.ratio(self.t_sum, self.rows)}
@@ -297,6 +301,36 @@ class BucketGradNorms(Collector):
         return {**{f"research/gradient_norm_{b}_corruption": norms[i] for i, b in enumerate(BUCKETS)},
                 "research/gradient_norm_ratio_high_to_low": norms[2] / norms[0],
                 "research/gradient_norm_total": total}
+
+
+@_diffusion_only
+@TEXT.register
+class EstimatorSpread(Collector):
+    """How noisy the training estimator of the NELBO is (``diffusion.estimator``, docs/diffusion.md): over the
+    research window's sequences, the standard deviation of each sequence's own NELBO estimate per valid token
+    (Σ over its masked tokens of weight · CE, divided by its valid tokens; the true weight even when
+    ``diffusion.clip_weight`` clips the gradient's). Every estimator has the same mean (the NELBO), so a smaller
+    spread is a lower-variance loss, the cheap proxy of a lower-variance gradient. It includes the spread of the
+    sequences' own difficulty, the same for every estimator."""
+
+    tier = "research"
+    needs = ("mask", "weights", "token_ce")
+    metrics = (MetricSpec("research/nelbo_row_std", "nats/token", "std over sequences of their NELBO estimate "
+                          "per token"),)
+
+    def __init__(self, **ctx):
+        super().__init__()
+        self.add_state("moments", _zeros(3))  # n, Σx, Σx²
+
+    def update(self, inputs):
+        sums = sequence_sums(inputs["batch"]).detach()
+        x = sums[:, 0] / sums[:, 1].clamp_min(1)
+        self.moments += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+                                     x.sum(), (x * x).sum()])
+
+    def compute(self):
+        n, s, ss = self.moments
+        return {"research/nelbo_row_std": Fm.std_from_moments(n, s, ss)}
 
 
 # ---------------------------------------------------------------------------------------------------- advanced
