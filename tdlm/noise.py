@@ -71,7 +71,9 @@ def exact_k_mask(u_k: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -
     (uniforms: a uniformly random k-subset). Returns (masked (B, L) bool, k (B,))."""
     lengths = valid.sum(1)
     k = (u_k * lengths).floor().long().clamp(max=(lengths - 1).clamp_min(0)) + 1
-    ranks = scores.masked_fill(~valid, 2.0).argsort(1).argsort(1)  # pads rank last
+    order = scores.masked_fill(~valid, 2.0).argsort(1)  # pads rank last
+    positions = torch.arange(scores.shape[1]).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)  # the inverse permutation: one sort, not two
     return (ranks < k[:, None]) & valid, k
 
 
