@@ -6,7 +6,7 @@ trends (mask accuracy, corruption buckets, gradient balance), per run and across
     python eval/review.py --project my-entity/tdlm --out reports/review --max-runs 20       # wandb public API
 
 ``--runs`` takes our run dirs (``metrics.jsonl``), offline wandb run dirs or their ``run-<id>.wandb`` files, or
-a directory of wandb runs. Metric names follow the TDLM metric guide: ``metrics/mask_accuracy``,
+a directory of wandb runs. Metric names are those of docs/metrics.md: ``metrics/mask_accuracy``,
 ``research/{low,medium,high}_corruption_accuracy``, ``research/gradient_norm_*``, and ``health/<rule>`` = 1 when a
 rule fires; a name is also matched by its last component (``tier1/mask_accuracy``), and every section is skipped
 when its metrics are absent. Writes ``report.md``, ``report.json`` and the PNGs into ``--out``.
@@ -73,7 +73,7 @@ def health_events(run: RunHistory) -> list[dict]:
 
 
 def findings(trends: dict) -> list[str]:
-    """Readings of the final values against the metric guide's healthy ranges."""
+    """Readings of the final values against the healthy ranges docs/metrics.md gives."""
     notes = []
     acc = trends.get("metrics/mask_accuracy")
     if acc:

@@ -1,4 +1,5 @@
-"""Test helper, not a test: ``tdlm/train.py``'s entry (``tdlm.tasks.cli``) with one fault injected, for launching in a subprocess.
+"""Test helper, not a test: ``tdlm/train.py``'s entry (``tdlm.tasks.cli``) with one fault injected, for launching in
+a subprocess.
 
 ``TDLM_TEST_FAULT=kind:step[:rank]`` (rank: only that process; default every process; unset: no fault):
 - ``sigkill:N`` / ``sigterm:N``: the process signals itself after step N, as the kernel or a scheduler would.

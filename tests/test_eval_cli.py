@@ -229,7 +229,7 @@ def test_compare_writes_markdown_json_and_plot(runs, capsys, tmp_path):
 
 
 def synthetic_run(path):
-    """A metrics.jsonl with the tier metrics of the metric guide and three health rules: one fires twice, one (a
+    """A metrics.jsonl with the tier metrics of docs/metrics.md and three health rules: one fires twice, one (a
     boolean) once, one never."""
     path.mkdir()
     recs = []

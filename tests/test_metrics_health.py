@@ -156,7 +156,7 @@ def test_nan_loss_logs_saves_the_record_and_stops(tiny, tmp_path, monkeypatch, c
 
 
 def test_accuracy_floor_is_relative_to_the_unigram_baseline():
-    # 0.3 is below the guide's 40% but far above what token frequencies alone give (0.2): no alarm
+    # 0.3 is below the metric design's 40% but far above what token frequencies alone give (0.2): no alarm
     assert fired({**HEALTHY, "metrics/mask_accuracy": 0.3})[1] == set()
     assert fired({**HEALTHY, "metrics/mask_accuracy": 0.181})[1] == set()   # floor 0.9 x 0.2 = 0.18
     assert fired({**HEALTHY, "metrics/mask_accuracy": 0.179})[1] == {"mask_accuracy_low"}

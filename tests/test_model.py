@@ -95,7 +95,8 @@ def test_trainer_loss_matches_plain_reference(padded):
     """The masked-diffusion task's loss (masked head, weighted CE) == full logits, log_softmax, gather, w(t), /
     valid tokens; for a packed batch (masked on the host) and a padded one (masked on the device)."""
     model = tiny_model()
-    task = SimpleNamespace(pad_id=1, mask_id=0, noise=TrainingNoise("bernoulli", make_schedule("linear"), 1e-3))  # what the loss path reads
+    # what the loss path reads of its task
+    task = SimpleNamespace(pad_id=1, mask_id=0, noise=TrainingNoise("bernoulli", make_schedule("linear"), 1e-3))
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(2, 97, (4, 16), generator=g)
     if padded:

@@ -126,8 +126,8 @@ class RunPaths:
 
 
 _SHARED_POSITIVE = ("trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum_steps",
-                    "trainer.eval_every_n_steps", "trainer.save_every_n_steps", "trainer.keep_last", "optim.eps", "metrics.logging_steps", "metrics.detailed_metrics_steps",
-                    "metrics.attention_analysis_steps")
+                    "trainer.eval_every_n_steps", "trainer.save_every_n_steps", "trainer.keep_last", "optim.eps",
+                    "metrics.logging_steps", "metrics.detailed_metrics_steps", "metrics.attention_analysis_steps")
 _SHARED_NON_NEGATIVE = ("optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip",
                         "trainer.num_workers", "trainer.min_free_disk_mb")
 _SHARED_UNIT = {"optim.beta1": (0.0, 1.0, False), "optim.beta2": (0.0, 1.0, False),

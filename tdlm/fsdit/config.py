@@ -1,8 +1,9 @@
 """FSDiT run configuration: the sections of ``configs/fsdit_*.yaml``, read by the loader of ``tdlm.config``.
 
 The loop (``trainer``), optimizer, metrics and wandb sections are the engine's shared dataclasses
-(``tdlm.engine.config``: the same keys, meaning and cadence rules as the text trainer's); the others are FSDiT's. ``load_fsdit_config(path, overrides)`` rejects unknown keys (naming the
-nearest one), wrong types and out-of-range values with a one-line ``ConfigError`` that names the dotted key.
+(``tdlm.engine.config``: the same keys, meaning and cadence rules as the text trainer's); the others are
+FSDiT's. ``load_fsdit_config(path, overrides)`` rejects unknown keys (naming the nearest one), wrong types and
+out-of-range values with a one-line ``ConfigError`` that names the dotted key.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class ModelSection:
     num_heads: int = 9
     mlp_ratio: float = 3.0
     projector: Literal["mlp", "linear"] = "mlp"
-    """mlp: cond_dim -> 2D -> GELU -> D (the origin's SupportProjector); linear: one Linear."""
+    """mlp: cond_dim -> 2D -> GELU -> D (the original code's SupportProjector); linear: one Linear."""
     context_scale: Literal["channel", "scalar"] = "channel"
     """Learnable gate on y_emb: per channel, or one scalar."""
     context_scale_init: float = 1.0

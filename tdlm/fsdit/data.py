@@ -11,7 +11,7 @@ row-major order, then green, then blue), ``b'fine_labels'``, ``b'coarse_labels'`
 
 Few-shot protocol (FSDM, georgosgeorgos/few-shot-diffusion-models): classes, not images, are split into
 train/val/test (60/20/20 by default), and a class contributes all its images (CIFAR-100: 500 train + 100 test).
-The support set of a target is k other images of its class and never the target itself: the origin's
+The support set of a target is k other images of its class and never the target itself: the original code's
 "self-reconstruction" mode, which encodes the target as its own condition, leaks the answer into the condition.
 """
 

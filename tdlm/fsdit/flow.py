@@ -5,7 +5,7 @@ Convention (SiT ``ICPlan``, torchcfm, ``flow_matching.CondOTProbPath``): t=0 is 
     x_t = (1 - t) * eps + t * x,        target velocity v* = d x_t / dt = x - eps.
 
 minRF uses the opposite direction; do not mix the two. The loss is the per-sample MSE averaged over C, H, W, with
-t ~ U(0, 1) by default. Unlike the origin, t is never clipped for x_t alone: the model sees the t that made x_t.
+t ~ U(0, 1) by default. Unlike the original code, t is never clipped for x_t alone: the model sees the t that made x_t.
 
 Guidance is v = v_u + s * (v_c - v_u) on every channel (s = 1 is the plain conditional model; DiT/SiT guide only
 the first 3 channels, DiT #41). Samplers integrate dx/dt = v from t=0 to t=1 on a uniform grid and are
@@ -41,7 +41,7 @@ def sample_t(
     device: torch.device | str = "cpu",
     stratified: bool = False,
 ) -> torch.Tensor:
-    """Training times, (n,) float32 in [0, 1). logit_normal = sigmoid(N(0, 1)), SD3's choice and the origin's.
+    """Training times, (n,) float32 in [0, 1). logit_normal = sigmoid(N(0, 1)), SD3's choice and the original code's.
 
     ``stratified``: one uniform u per stratum [i/n, (i+1)/n), randomly permuted, then mapped through the
     distribution's inverse CDF (identity; sigmoid(Φ⁻¹(u))). Each t still has the chosen marginal, but every

@@ -6,11 +6,12 @@ block, final layer, ``FSDiTConfig``, ``FSDiT``. The block is the DiT one (Peeble
 facebookresearch/DiT ``models.py``) written without timm. Differences from DiT, each on purpose:
 
 - t in [0, 1] is multiplied by ``t_scale`` = 1000 before the 256-d sinusoid; raw t with max_period 10000 gives
-  nearly constant embeddings (SiT #24, REPA #40), and the origin's x10000 drives the arguments to 1e4 rad.
-- The condition is a pooled SigLIP embedding of a support set, projected by an MLP (the origin's
+  nearly constant embeddings (SiT #24, REPA #40), and the original code's x10000 drives the arguments to 1e4 rad.
+- The condition is a pooled SigLIP embedding of a support set, projected by an MLP (the original code's
   ``SupportProjector``: cond_dim -> 2D -> GELU -> D), not a class label. c = t_emb + context_scale * y_emb, with a
   learnable ``context_scale`` (per channel by default, the vfsddpm_jax ``context_scale``; or one scalar, the
-  origin's ``cond_scale``). ``cond_layernorm=True`` applies the origin's LN (no affine) to t_emb and y_emb first.
+  original code's ``cond_scale``). ``cond_layernorm=True`` applies the original code's LN (no affine) to t_emb
+  and y_emb first.
 - Classifier-free guidance replaces y_emb by a learned null vector, per sample, where ``drop`` is True.
 - Attention uses ``F.scaled_dot_product_attention``; a diagnostic path computes the softmax explicitly (in fp32)
   and hands the probabilities back, since SDPA never materialises them (pytorch #98505).
@@ -165,13 +166,13 @@ class FSDiTConfig:
     cond_dim: int = 768
     """Size of the pooled support embedding: the SigLIP encoder's hidden size (768 for ViT-B/16)."""
     projector: Literal["mlp", "linear"] = "mlp"
-    """mlp = the origin's SupportProjector, cond_dim -> 2D -> GELU -> D; linear = one Linear cond_dim -> D."""
+    """mlp = the original code's SupportProjector, cond_dim -> 2D -> GELU -> D; linear = one Linear cond_dim -> D."""
     context_scale: Literal["channel", "scalar"] = "channel"
-    """Learnable gate on y_emb: one value per channel (vfsddpm_jax) or one scalar (the origin's cond_scale)."""
+    """Learnable gate on y_emb: one value per channel (vfsddpm_jax) or one scalar (the original code's cond_scale)."""
     context_scale_init: float = 1.0
-    """The origin initialises its scalar cond_scale to 2.0 together with cond_layernorm=True."""
+    """The original code initialises its scalar cond_scale to 2.0 together with cond_layernorm=True."""
     cond_layernorm: bool = False
-    """True: c = LN(t_emb) + context_scale * LN(y_emb) (LN without affine), the origin's magnitude balancing."""
+    """True: c = LN(t_emb) + context_scale * LN(y_emb) (LN without affine), the original code's magnitude balancing."""
     class_dropout: float = 0.1
     """Per-sample probability, in training mode, of replacing y_emb by the learned null vector (CFG)."""
     freq_dim: int = 256

@@ -2,8 +2,8 @@
 a precompute-once file for a whole dataset and an in-memory LRU for online (e.g. augmented) supports.
 
 The condition of a target is mean_k SigLIP(support_k): the MAP-head ``pooler_output`` of each support image
-(big_vision ``pool_type='map'``, what the origin uses), averaged over the set. Because the mean is taken after the
-encoder, per-image embeddings can be cached and pooled later with no loss.
+(big_vision ``pool_type='map'``, what the original code uses), averaged over the set. Because the mean is taken
+after the encoder, per-image embeddings can be cached and pooled later with no loss.
 
 Weights come only from a local directory written by ``save_pretrained`` (``config.json`` + ``model.safetensors``;
 a full ``SiglipModel`` checkpoint such as google/siglip-base-patch16-224 also loads, its text tower is ignored).
@@ -226,7 +226,7 @@ class LRUCache:
 class OnlineEmbedder:
     """Per-image embeddings through an LRU: only the misses of a call are loaded and encoded, in one batch.
 
-    Keys repeated within one call count as one lookup (the origin's "hits / unique paths in batch").
+    Keys repeated within one call count as one lookup (the original code's "hits / unique paths in batch").
     """
 
     def __init__(self, encoder: SiglipEncoder, capacity: int = 1024):

@@ -52,7 +52,8 @@ def build_fsdit_metrics(cfg, *, cond_dim: int, pooled_range: float = 1.0, device
 REFERENCE_INTRO = """
 Every metric the FSDiT trainer (`tdlm/fsdit/train.py`) logs, generated from `tdlm/metrics/image/`
 (collectors, registry `IMAGE`) and `tdlm/metrics/image_health.py` (`FSDIT_RULES`), on the same core, tiers,
-cadence rules and health engine as the text trainer ([metrics.md](metrics.md)):
+cadence rules and health engine as the text trainer ([metrics.md](metrics.md)). *The original code* is the
+research implementation of FSDiT this module was written from ([fsdit_notes.md](fsdit_notes.md)):
 
 ```yaml
 metrics:
@@ -77,7 +78,7 @@ with t = 0 noise and t = 1 data, and the model predicts the velocity v = x − �
 compares **velocities**; `train/grad_norm` is measured **before** clipping; `val/train_val_gap` is val − train
 with both losses from the same model in eval mode on fixed episodes (> 0 = better on training classes);
 `samples/cfg_1` is the plain conditional model, `samples/cfg_{s}` the guided one and `samples/uncond` the
-unconditional one (the origin's `cfg_0` was conditional). Media: histograms go to `metrics.jsonl` as
+unconditional one (the original code's `cfg_0` was conditional). Media: histograms go to `metrics.jsonl` as
 `{"counts", "edges"}` and to wandb as `wandb.Histogram`; images are saved as PNG under `<run>/media/` (the
 JSONL record holds the path) and sent to wandb as `wandb.Image`.
 """

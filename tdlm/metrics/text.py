@@ -130,9 +130,9 @@ class DiffusionTime(Collector):
 @TEXT.register
 class MaskAccuracy(Collector):
     """Over the window: the fraction of masked tokens whose argmax prediction is the clean token; masked tokens
-    per optimizer step (global batch, window mean); valid (non-pad) positions / all positions. The guide's
+    per optimizer step (global batch, window mean); valid (non-pad) positions / all positions. The metric design's
     "valid to total masked" would be identically 1 here (masking never selects a pad), so ``valid_ratio`` is
-    the padding share the guide's reading ("low values indicate padding issues") describes."""
+    the padding share the metric design's reading ("low values indicate padding issues") describes."""
 
     tier = "essential"
     needs = ("logits", "mask")
@@ -227,9 +227,9 @@ class WeightDifficulty(Collector):
     and its difficulty d = 1 − max_v p(v). ``weight_difficulty_correlation`` is the Pearson r of (w, d),
     computed in torch from float64 moment sums (merged exactly across steps and processes; equals
     ``scipy.stats.pearsonr``). w(t) falls with t for every schedule while a token gets harder as t removes its
-    context, so a model that has learned anything gives r < 0: the guide's "should be positive" contradicts
+    context, so a model that has learned anything gives r < 0: the metric design's "should be positive" contradicts
     the maths, and the health rule fires on the sign the maths rules out (see the rules table).
-    Per masked token E[w] = E[t·w(t)]/E[t] = 1/E[t] ≈ 2 for the linear schedule, within the guide's 1–3."""
+    Per masked token E[w] = E[t·w(t)]/E[t] = 1/E[t] ≈ 2 for the linear schedule, within the metric design's 1–3."""
 
     tier = "research"
     needs = ("logits", "mask", "weights", "token_ce")
@@ -339,7 +339,7 @@ class ModelProbe(Collector):
     """On attention-analysis steps, one extra no-grad forward (eval mode) of the step's noised batch with
     explicit softmax attention. attention_entropy_layer{i}: −Σ_j p_ij log p_ij over the valid keys j, in nats,
     averaged over valid queries i, heads and sequences (uniform attention over n keys = log n);
-    attention_entropy: its mean over layers (``attention_entropy_proxy`` is the same value under the guide's
+    attention_entropy: its mean over layers (``attention_entropy_proxy`` is the same value under the metric design's
     old name). hidden_state_norm_layer{i}: mean L2 norm of block i's output at valid positions;
     hidden_state_norm: the last block's (before the final norm). sequence_diversity: per sequence,
     1 − mean cosine similarity between the last block's outputs at distinct valid positions, averaged over

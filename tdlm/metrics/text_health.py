@@ -1,8 +1,8 @@
 """Health rules of the text trainer, and the assembly of its metric runner and reference page.
 
-The rules are the TDLM guide's warning signs as data (``Rule`` rows; thresholds overridable in YAML under
-``metrics.health``); ``build_text_metrics`` is what the trainer calls; ``reference_page`` renders
-``docs/metrics.md``.
+The rules are the text metric design's warning signs (docs/metrics.md) as data (``Rule`` rows; thresholds
+overridable in YAML under ``metrics.health``); ``build_text_metrics`` is what the text tasks call;
+``reference_page`` renders ``docs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ TEXT_RULES = (
          "any bucket accuracy == 0 (NaN = empty bucket, ignored)", lambda v, p: any(x == 0 for x in v.values()),
          warmup=True, finite_only=False),
     Rule("weight_difficulty_correlation_sign", "weight–difficulty correlation has the sign the maths rules out "
-         "(guide: 'negative'; w(t) falls with t, so the healthy sign is negative: expected_sign = -1)",
+         "(metric design: 'negative'; w(t) falls with t, so the healthy sign is negative: expected_sign = -1)",
          ("research/weight_difficulty_correlation",), "expected_sign · r < −margin",
          lambda v, p: p["expected_sign"] * v["research/weight_difficulty_correlation"] < -p["margin"],
          {"expected_sign": -1.0, "margin": 0.05}, warmup=True),
@@ -98,8 +98,10 @@ def build_text_metrics(cfg, *, mask_id: int, device=None, sinks=(), is_main: boo
 
 REFERENCE_INTRO = """
 Every metric the text trainer logs, generated from `tdlm/metrics/text.py` (collectors, registry `TEXT`) and
-`tdlm/metrics/text_health.py` (`TEXT_RULES`). Each collector belongs to one tier; a tier is switched on in
-YAML and reports on its cadence:
+`tdlm/metrics/text_health.py` (`TEXT_RULES`). *The metric design* below is the specification this page
+implements: the metric names, their readings and the warning thresholds tdlm was asked for; where it and the
+mathematics disagree, the maths wins and the entry says why. Each collector belongs to one tier; a tier is
+switched on in YAML and reports on its cadence:
 
 ```yaml
 metrics:
@@ -118,9 +120,9 @@ over all steps since their last report; collectors that need an expensive input 
 passes) run only on the steps their tier is due, so those inputs are never produced otherwise. Values are
 accumulated on the device as float64 sums and counts and combined across processes by summing before any
 ratio is taken, so N processes log what one process logs over the same global batch. Fractions are in
-[0, 1] (the guide's 40% is 0.4). A value with no data (an empty bucket) is NaN, never 0.
+[0, 1] (the metric design's 40% is 0.4). A value with no data (an empty bucket) is NaN, never 0.
 
-Where the TDLM metric guide and the mathematics disagree, the maths wins: `train/loss` uses the true NELBO
+Where the text metric design and the mathematics disagree, the maths wins: `train/loss` uses the true NELBO
 weight even when `diffusion.clip_weight` clips it for the gradient; the weight–difficulty correlation is
 expected to be negative (see `WeightDifficulty`), so the health rule fires on a positive one; `valid_ratio` is
 the share of non-pad positions. Sinks: `metrics.jsonl` (always), the console (`metrics.console`), and wandb
@@ -128,7 +130,7 @@ the share of non-pad positions. Sinks: `metrics.jsonl` (always), the console (`m
 An image trainer registers its own collectors and rules on the same core (`tdlm.metrics.core`,
 `tdlm.metrics.health`, `tdlm.metrics.functional`).
 
-**Why the mask-accuracy floor is no longer 40%.** The guide calls mask accuracy below 40% poor. As an alarm that
+**Why the mask-accuracy floor is no longer 40%.** The metric design calls mask accuracy below 40% poor. As an alarm that
 number fired on every shipped text demo at nearly every log and never cleared (quickstart: 28 of 30 logs; Markov
 demo: 38 of 40), and a rule that always fires teaches users to ignore health warnings. It is not reachable
 there: mask accuracy is averaged over t ~ U[t_min, 1], so half the masked tokens sit in sequences more than half
@@ -138,8 +140,8 @@ sequences) reaches 0.331; the demo's model ends at 0.32, not a failure but nearl
 `mask_accuracy_low` is relative to what the data allows: it fires when accuracy is below 0.9 × the *unigram
 accuracy*, the share of the most frequent token in the training split (measured once when the data is prepared,
 `info.json`: 0.060 for the quickstart's stdlib corpus, 0.123 for the Markov one), i.e. when the model predicts
-worse than always guessing that token. Its `min` keeps the guide's absolute floor available
-(`metrics.health.mask_accuracy_low.min: 0.4`) for corpora where 40% is reachable. The guide's other reading,
+worse than always guessing that token. Its `min` keeps the metric design's absolute floor available
+(`metrics.health.mask_accuracy_low.min: 0.4`) for corpora where 40% is reachable. The metric design's other reading,
 "mask accuracy stagnating", is `val_loss_plateau`: the validation loss (same noise at every evaluation, so it
 moves only when the model does) has not improved for `patience` evaluations after warm-up, unless it is within
 `tolerance` of the corpus optimum where one is known (the Markov chain's entropy per token, `optimal_loss`), since

@@ -245,7 +245,7 @@ class Validation(common.Validation):
     trained on), each with its fixed support set, noise ε and t (t stratified over the set, so every t-bin is
     filled). val/loss: their mean velocity MSE. val/train_classes_loss: the same model and protocol on as many
     fixed episodes of the training classes. val/train_val_gap = val/loss − val/train_classes_loss (> 0: the model
-    does better on the classes it trains on; unlike the origin's EMA-vs-live gap, both sides are the same model).
+    does better on the classes it trains on; unlike the original code's EMA-vs-live gap, both sides are the same model).
     val/loss_ema: the EMA weights on the validation set (when trainer.ema_decay > 0). val/loss_tbin_i: val/loss
     by t-bin as train/loss_tbin_i. Only logged on evaluation steps."""
 

@@ -100,7 +100,7 @@ class ConditionDebug(Collector):
 class ContextNorms(Collector):
     """ctx/c_norm_t_emb_ratio: per episode ‖context_scale ⊙ LN(y_emb)‖₂ / ‖LN(t_emb)‖₂, mean over the window,
     with LN a LayerNorm without affine (the blocks' norm): how large the support term of c is next to the time
-    term once both are normalised (the origin's c_norm/t_emb ratio after LayerNorm). CFG-dropped episodes count
+    term once both are normalised (the original code's c_norm/t_emb ratio after LayerNorm). CFG-dropped episodes count
     with the null vector. ctx/context_norm_std: the population std over the window's episodes of ‖c‖₂ (0 = every
     episode gets the same conditioning magnitude)."""
 
