@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .diffusion import NoiseSchedule, make_schedule
+from .engine.randomness import keyed_generator
 
 METHODS = ("ancestral", "low_confidence", "random")
 STEP_SCHEDULES = ("linear", "cosine", "loglinear")  # the noise schedules of tdlm.diffusion.make_schedule
@@ -247,8 +248,7 @@ def ar_generate(model, prompt: torch.Tensor, length: int, cfg: SamplerConfig, ge
 
 def sample_generators(seed: int, indices, device="cpu") -> list[torch.Generator]:
     """One generator per sample, seeded by (seed, the sample's global index): the same sample on any process."""
-    return [torch.Generator(device=device).manual_seed((seed * 1_000_003 + int(i) * 7_919 + 1) % 2**63)
-            for i in indices]
+    return [keyed_generator(seed, int(i), salt=1, device=device) for i in indices]
 
 
 def build_canvas(tokenizer, seq_len: int, prompt: str = "", template: str = "") -> torch.Tensor:

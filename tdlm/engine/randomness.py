@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 
-def keyed_generator(seed: int, key: int, salt: int = 0) -> torch.Generator:
-    """A CPU generator that is a function of (seed, key, salt) alone: the same on every process and after a resume.
+def keyed_generator(seed: int, key: int, salt: int = 0, device="cpu") -> torch.Generator:
+    """A generator that is a function of (seed, key, salt) alone: the same on every process and after a resume.
     ``key`` is the training step, a sequence or a sample index; ``salt`` keeps unrelated streams apart."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + key * 7_919 + salt) % (2**63))
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + key * 7_919 + salt) % (2**63))
 
 
 def global_rows(micro_step: int, process_index: int, num_processes: int, micro_batch_size: int) -> slice:
