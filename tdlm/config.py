@@ -163,6 +163,11 @@ def validate_pretrained(cfg: RunConfig) -> None:
     if cfg.data.source == "markov":
         raise ConfigError("data.source: markov has its own tokenizer; model.pretrained needs the checkpoint's "
                           "(use data.source=files)")
+    where = Path(m.pretrained)
+    if where.is_dir() and not (where / "config.json").is_file():
+        raise ConfigError(f"model.pretrained: {where} holds no model (no config.json)")
+    if not where.exists() and (where.is_absolute() or m.pretrained.startswith(".")):
+        raise ConfigError(f"model.pretrained: {where} does not exist")
     if cfg.data.tokenizer == "train":  # the checkpoint's tokenizer; tdlm's own model/ keeps it one level up
         own = Path(m.pretrained)
         beside = own.parent / "tokenizer"

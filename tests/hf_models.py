@@ -99,3 +99,76 @@ def run_overrides(tmp_path: Path, model_dir: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+# ---------------------------------------------------------------------------------------------------- remote code
+# Stubs of the two remote-code interfaces, written as a checkpoint directory would ship them (``auto_map``). The
+# hidden state mixes in the sequence mean, so every position sees the others (a bidirectional denoiser).
+REMOTE_CODE = '''
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
+
+
+class StubConfig(PretrainedConfig):
+    model_type = "{model_type}"
+
+    def __init__(self, vocab_size=11, hidden_dim=16, model_length=64, time_conditioning=False, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size, self.hidden_dim, self.model_length = vocab_size, hidden_dim, model_length
+        self.time_conditioning = time_conditioning
+
+
+class StubModel(PreTrainedModel):
+    config_class = StubConfig
+    base_model_prefix = "stub"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_dim)
+        self.mix = nn.Linear(config.hidden_dim, config.hidden_dim)
+        self.out = nn.Linear(config.hidden_dim, config.vocab_size)
+        self.post_init()
+
+    def _logits(self, input_ids, shift=0.0):
+        h = self.embed(input_ids)
+        return self.out(torch.tanh(h + self.mix(h.mean(1, keepdim=True))) + shift)
+{forward}
+'''
+TIMESTEPS_FORWARD = '''
+    def forward(self, input_ids=None, timesteps=None, output_hidden_states=None, return_dict=None):
+        assert timesteps.shape == input_ids.shape[:1]
+        return MaskedLMOutput(logits=self._logits(input_ids, timesteps[:, None, None]))
+'''
+LOGITS_FORWARD = '''
+    def forward(self, input_ids, attention_mask=None, output_attentions=None, output_hidden_states=None):
+        return CausalLMOutputWithPast(logits=self._logits(input_ids))
+'''
+REMOTE = {"timesteps": ("stub_mdlm", TIMESTEPS_FORWARD, "AutoModelForMaskedLM"),
+          "logits": ("stub_llada", LOGITS_FORWARD, "AutoModel")}
+
+
+def remote_model_dir(root: Path, interface: str, seed: int = 0) -> Path:
+    """``root/remote_<interface>``: a stub checkpoint of one remote-code interface, with its code and tokenizer."""
+    import importlib.util
+    import json
+
+    path = Path(root) / f"remote_{interface}"
+    if (path / "config.json").is_file():
+        return path
+    model_type, forward, auto = REMOTE[interface]
+    path.mkdir(parents=True)
+    code = path / f"modeling_{model_type}.py"
+    code.write_text(REMOTE_CODE.format(model_type=model_type, forward=forward))
+    spec = importlib.util.spec_from_file_location(f"_{model_type}_{seed}", code)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tok = word_tokenizer(masked=True)
+    torch.manual_seed(seed)
+    module.StubModel(module.StubConfig(vocab_size=len(tok))).save_pretrained(str(path))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": f"modeling_{model_type}.StubConfig", auto: f"modeling_{model_type}.StubModel"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    tok.save_pretrained(str(path))
+    return path
