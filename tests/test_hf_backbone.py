@@ -255,3 +255,45 @@ def test_bad_input_one_clear_line(models, tmp_path):
         load_config(None, [f"model.pretrained={empty}", "data.source=markov"])
     with pytest.raises(ConfigError, match="model.lora: applies to a pretrained backbone only"):
         load_config(None, ["model.lora={r: 4, target_modules: [q_proj]}"])
+
+
+# ---------------------------------------------------------------------------------------------------- memory, LoRA
+def test_gradient_checkpointing_gives_the_same_gradients(models):
+    grads = []
+    for on in (False, True):
+        model, tok = backbone(tiny_model_dir(models, "llama"), gradient_checkpointing=on)
+        model.train()
+        ids, attn = ids_and_mask(tok)
+        F.cross_entropy(model(ids, attn).flatten(0, 1), ids.flatten()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert model.hf.is_gradient_checkpointing is on
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_lora_trains_only_adapters_and_exports_merged(models, tmp_path):
+    pytest.importorskip("peft")
+    import transformers
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    over = run_overrides(tmp_path, tiny_model_dir(models, "llama"),
+                         **{"model.lora": json.dumps(lora), "trainer.max_steps": 3, "trainer.eval_every_n_steps": 3,
+                            "trainer.save_every_n_steps": 3, "optim.lr": 1e-2})
+    engine = text_engine(load_config(None, over))
+    before = {n: p.detach().clone() for n, p in engine.task.model.named_parameters()}
+    engine.fit()
+    model = engine.task.model.eval()
+    engine.close()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed), changed
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(before) & {n for n in before
+                                                                                       if "lora_" in n}
+    export = tmp_path / "runs" / "t" / "checkpoints" / "step_0000003" / "model"
+    ids, attn = ids_and_mask(load_pretrained_tokenizer(str(export)))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(export))  # a plain model: no adapters left
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(load_model_dir(export)(ids, attn), model(ids, attn), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, model.hf(input_ids=ids).logits, rtol=1e-5,
+                                   atol=1e-5)
+    with pytest.raises(ConfigError, match=r"model.lora.target_modules: \['qkv'\] not found"):
+        backbone(tiny_model_dir(models, "llama"), lora=json.dumps({"r": 4, "target_modules": ["qkv"]}))
