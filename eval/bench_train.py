@@ -145,6 +145,22 @@ def tdlm_ar_arm(a, device: str) -> tuple:
     return build_tdlm(a, causal=True).to(device), tdlm_loss(task_stub(causal=True)), OptimSection(), True
 
 
+def hf_llama_arm(a, device: str) -> tuple:
+    """A Hugging Face Llama of tdlm's shape (same layers, width, heads, SwiGLU width, tied embedding, RoPE)
+    adapted to diffusion as ``model.pretrained`` adapts one (full 4D attention mask, shifted logits), trained on
+    the same loss path. The HF model computes logits at every position."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tdlm.hf_backbone import Adaptation, HFBackbone
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=8 * a.hidden // 3,
+                      num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
+                      max_position_embeddings=a.seq_len, tie_word_embeddings=True, attention_bias=False)
+    model = HFBackbone(LlamaForCausalLM(cfg), Adaptation("causal", False, True, MASK_ID, PAD_ID))
+    return model.to(device), tdlm_loss(task_stub()), OptimSection(), True
+
+
 def bert_loss(model, batch):
     ids = batch["ids"]
     nb = apply_noise(ids, ids != PAD_ID, batch["t_dev"], batch["u_dev"], make_schedule("linear"), MASK_ID)
@@ -211,6 +227,8 @@ def build_arms(a, device: str) -> dict:
     arms = {"tdlm": (tdlm, tdlm_loss(stub), fused, False), "bert": (bert, bert_loss, fused, True)}
     if a.ar:
         arms["tdlm_ar"] = tdlm_ar_arm(a, device)
+    if a.hf:
+        arms["hf_llama"] = hf_llama_arm(a, device)
     if a.ablations:
         arms["tdlm_full_head"] = (FullHead(copy.deepcopy(tdlm)), tdlm_loss(stub), fused, True)
         arms["tdlm_forloop_adamw"] = (copy.deepcopy(tdlm), tdlm_loss(stub), OptimSection(fused=False), False)
@@ -386,6 +404,8 @@ def run(a) -> dict:
         ratios["onednn_gemm_vs_mkl_gemm_in_tdlm"] = ratio(sec, "tdlm_mkl_gemm", "tdlm")
     if "tdlm_ar" in arms:  # > 1: the diffusion step is faster than the AR step on the same backbone
         ratios["diffusion_vs_ar"] = ratio(sec, "tdlm_ar", "tdlm")
+    if "hf_llama" in arms:  # < 1: the adapted HF Llama's tokens/s as a fraction of tdlm's own backbone
+        ratios["hf_llama_vs_tdlm"] = ratio(sec, "hf_llama", "tdlm")
     if "tdlm_compiled" in arms:
         ratios["compiled_vs_eager"] = ratio(sec, "tdlm", "tdlm_compiled")
     out = {"benchmark": "train_step", "preset": a.preset, "device": device,
@@ -444,6 +464,8 @@ def parse(argv=None):
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compiled arm (eval/gpu_check.py --dry-run: aot_eager)")
     p.add_argument("--ar", action="store_true", help="add tdlm trained autoregressively (tdlm_ar)")
+    p.add_argument("--hf", action="store_true",
+                   help="add a Hugging Face Llama of the same shape adapted to diffusion (hf_llama)")
     p.add_argument("--find-max-batch", type=int, default=0, metavar="N",
                    help="also find the largest micro-batch <= N of the tdlm arms (0 = no)")
     a = p.parse_args(argv)

@@ -297,3 +297,35 @@ def test_lora_trains_only_adapters_and_exports_merged(models, tmp_path):
                                    atol=1e-5)
     with pytest.raises(ConfigError, match=r"model.lora.target_modules: \['qkv'\] not found"):
         backbone(tiny_model_dir(models, "llama"), lora=json.dumps({"r": 4, "target_modules": ["qkv"]}))
+
+
+# ---------------------------------------------------------------------------------------------------- 2 processes
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_on_an_hf_backbone(models, tmp_path):
+    from conftest import launch_two_processes
+
+    root = Path(__file__).resolve().parent.parent
+    d = tiny_model_dir(models, "llama")  # no dropout: its draws would depend on how the batch is split
+    common = {"trainer.max_steps": 4, "trainer.eval_every_n_steps": 2, "trainer.save_every_n_steps": 4}
+    config = str(root / "configs" / "quickstart.yaml")
+    ref = load_config(config, run_overrides(tmp_path, d, **common, **{"trainer.micro_batch_size": 4,
+                                                                     "trainer.grad_accum_steps": 2,
+                                                                     "trainer.run_name": "ref"}))
+    engine = text_engine(ref)
+    engine.fit()
+    engine.close()
+    args = run_overrides(tmp_path, d, **common, **{"trainer.micro_batch_size": 4, "trainer.run_name": "ddp"})
+    launch_two_processes(root / "tdlm" / "train.py", [config, *args])
+
+    def records(rd):
+        out = {}
+        for line in (rd / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            out.update({(rec["step"], k): v for k, v in rec.items() if k in ("train/loss", "train/grad_norm",
+                                                                               "val/loss")})
+        return out
+
+    a, b = records(ref.run_dir), records(tmp_path / "runs" / "ddp")
+    assert len(a) == 4 + 4 + 2 and a.keys() == b.keys()
+    for key, value in a.items():
+        assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
