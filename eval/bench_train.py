@@ -30,6 +30,9 @@ peak is reported too where the device is known (H100/H200 SXM: 989 TFLOP/s, H100
 
 ``--ar``: the same backbone with ``causal=True`` and the trainer's AR loss (next-token NLL, logits at every
 position); ``ratios.diffusion_vs_ar`` is how many times faster the diffusion step is (the goal: within ~5%).
+``--hf``: a Hugging Face Llama of the same shape adapted to diffusion (``tdlm.hf_backbone``, full attention
+mask, shifted logits; its LM head runs at every position); ``ratios.hf_llama_vs_tdlm`` is its tokens/s relative
+to tdlm's own backbone in the same interleaved rounds.
 ``--find-max-batch N``: after the timing, with only that arm's model and optimizer resident, the largest
 micro-batch of the tdlm arms (diffusion, and AR with ``--ar``) whose step fits, by doubling from ``--batch`` and
 bisecting to within 1/8; on a CPU nothing runs out of memory and the search stops at N. ``eval/gpu_check.py``
@@ -404,8 +407,8 @@ def run(a) -> dict:
         ratios["onednn_gemm_vs_mkl_gemm_in_tdlm"] = ratio(sec, "tdlm_mkl_gemm", "tdlm")
     if "tdlm_ar" in arms:  # > 1: the diffusion step is faster than the AR step on the same backbone
         ratios["diffusion_vs_ar"] = ratio(sec, "tdlm_ar", "tdlm")
-    if "hf_llama" in arms:  # < 1: the adapted HF Llama's tokens/s as a fraction of tdlm's own backbone
-        ratios["hf_llama_vs_tdlm"] = ratio(sec, "hf_llama", "tdlm")
+    if "hf_llama" in arms:  # the adapted HF Llama's tokens/s relative to tdlm's own backbone (< 1: slower)
+        ratios["hf_llama_vs_tdlm"] = ratio(sec, "tdlm", "hf_llama")
     if "tdlm_compiled" in arms:
         ratios["compiled_vs_eager"] = ratio(sec, "tdlm", "tdlm_compiled")
     out = {"benchmark": "train_step", "preset": a.preset, "device": device,

@@ -86,7 +86,8 @@ class HFBackbone(nn.Module):
         layers = _first_attr(hf_model.config, "num_hidden_layers", "n_layer", "n_blocks", "n_layers", default=1)
         self.config = BackboneConfig(hf_model.config, a, int(layers))
         self.anneal_pattern: torch.Tensor | None = None  # (L, L) bool while attention is being annealed
-        self._takes_timesteps = a.interface == "timesteps"
+        # FSDP's transformer-based wrapping shards by the HF model's block classes
+        self._no_split_modules = getattr(self.base_model, "_no_split_modules", None)
 
     # ------------------------------------------------------------------------------------------------ parts
     @property
