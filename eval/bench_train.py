@@ -30,6 +30,9 @@ peak is reported too where the device is known (H100/H200 SXM: 989 TFLOP/s, H100
 
 ``--ar``: the same backbone with ``causal=True`` and the trainer's AR loss (next-token NLL, logits at every
 position); ``ratios.diffusion_vs_ar`` is how many times faster the diffusion step is (the goal: within ~5%).
+``--hf``: a Hugging Face Llama of the same shape adapted to diffusion (``tdlm.hf_backbone``, full attention
+mask, shifted logits; its LM head runs at every position); ``ratios.hf_llama_vs_tdlm`` is its tokens/s relative
+to tdlm's own backbone in the same interleaved rounds.
 ``--find-max-batch N``: after the timing, with only that arm's model and optimizer resident, the largest
 micro-batch of the tdlm arms (diffusion, and AR with ``--ar``) whose step fits, by doubling from ``--batch`` and
 bisecting to within 1/8; on a CPU nothing runs out of memory and the search stops at N. ``eval/gpu_check.py``
@@ -147,6 +150,22 @@ def tdlm_ar_arm(a, device: str) -> tuple:
     return build_tdlm(a, causal=True).to(device), tdlm_loss(task_stub(causal=True)), OptimSection(), True
 
 
+def hf_llama_arm(a, device: str) -> tuple:
+    """A Hugging Face Llama of tdlm's shape (same layers, width, heads, SwiGLU width, tied embedding, RoPE)
+    adapted to diffusion as ``model.pretrained`` adapts one (full 4D attention mask, shifted logits), trained on
+    the same loss path. The HF model computes logits at every position."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tdlm.hf_backbone import Adaptation, HFBackbone
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=8 * a.hidden // 3,
+                      num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
+                      max_position_embeddings=a.seq_len, tie_word_embeddings=True, attention_bias=False)
+    model = HFBackbone(LlamaForCausalLM(cfg), Adaptation("causal", False, True, MASK_ID, PAD_ID))
+    return model.to(device), tdlm_loss(task_stub()), OptimSection(), True
+
+
 def bert_loss(model, batch):
     ids = batch["ids"]
     nb = apply_noise(ids, ids != PAD_ID, batch["t_dev"], batch["u_dev"], make_schedule("linear"), MASK_ID)
@@ -213,6 +232,8 @@ def build_arms(a, device: str) -> dict:
     arms = {"tdlm": (tdlm, tdlm_loss(stub), fused, False), "bert": (bert, bert_loss, fused, True)}
     if a.ar:
         arms["tdlm_ar"] = tdlm_ar_arm(a, device)
+    if a.hf:
+        arms["hf_llama"] = hf_llama_arm(a, device)
     if a.ablations:
         arms["tdlm_full_head"] = (FullHead(copy.deepcopy(tdlm)), tdlm_loss(stub), fused, True)
         arms["tdlm_forloop_adamw"] = (copy.deepcopy(tdlm), tdlm_loss(stub), OptimSection(fused=False), False)
@@ -388,6 +409,8 @@ def run(a) -> dict:
         ratios["onednn_gemm_vs_mkl_gemm_in_tdlm"] = ratio(sec, "tdlm_mkl_gemm", "tdlm")
     if "tdlm_ar" in arms:  # > 1: the diffusion step is faster than the AR step on the same backbone
         ratios["diffusion_vs_ar"] = ratio(sec, "tdlm_ar", "tdlm")
+    if "hf_llama" in arms:  # the adapted HF Llama's tokens/s relative to tdlm's own backbone (< 1: slower)
+        ratios["hf_llama_vs_tdlm"] = ratio(sec, "tdlm", "hf_llama")
     if "tdlm_compiled" in arms:
         ratios["compiled_vs_eager"] = ratio(sec, "tdlm", "tdlm_compiled")
     out = {"benchmark": "train_step", "preset": a.preset, "device": device,
@@ -446,6 +469,8 @@ def parse(argv=None):
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the compiled arm (eval/gpu_check.py --dry-run: aot_eager)")
     p.add_argument("--ar", action="store_true", help="add tdlm trained autoregressively (tdlm_ar)")
+    p.add_argument("--hf", action="store_true",
+                   help="add a Hugging Face Llama of the same shape adapted to diffusion (hf_llama)")
     p.add_argument("--find-max-batch", type=int, default=0, metavar="N",
                    help="also find the largest micro-batch <= N of the tdlm arms (0 = no)")
     a = p.parse_args(argv)

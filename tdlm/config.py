@@ -30,6 +30,23 @@ class ModelSection:
     tie_embeddings: bool = True
     causal: bool = False
     """True trains the same backbone autoregressively (the AR baseline with exact perplexity)."""
+    pretrained: str = ""
+    """A local Hugging Face model directory (or a hub name when online) as the backbone instead of tdlm's own:
+    tdlm's own ``model/``, any masked LM, any causal LM (adapted to diffusion, or kept causal with ``causal``), or
+    with ``trust_remote_code`` an MDLM- or LLaDA/Dream-style checkpoint (``tdlm/hf_backbone.py``). The shape keys
+    above are then the checkpoint's; its tokenizer is the data's unless ``data.tokenizer`` names another."""
+    trust_remote_code: bool = False
+    """Run the checkpoint's own modelling code (``auto_map`` in its config.json); never on by default."""
+    shift_logits: Literal["auto", True, False] = "auto"
+    """Position i predicted from the hidden state at i-1 (DiffuLLaMA/Dream); auto = on for an adapted causal LM
+    and for Dream, off otherwise. Refused on a masked LM."""
+    attention_anneal_steps: int = 0
+    """Adapted causal LM: steps over which attention goes from causal to full (DiffuLLaMA); 0 = full at once."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (Hugging Face backbones): less memory, about 30% more compute."""
+    lora: dict = field(default_factory=dict)
+    """LoRA adapters through ``peft`` on a pretrained backbone: {r, alpha, dropout, target_modules}; empty = off.
+    Checkpoints export the merged model."""
 
 
 @dataclass
@@ -131,15 +148,54 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"diffusion.loglinear_eps: must be in (0, 1), got {cfg.diffusion.loglinear_eps}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.model.pretrained:
+        validate_pretrained(cfg)
+    elif cfg.model.trust_remote_code or cfg.model.lora or cfg.model.attention_anneal_steps:
+        key = ("trust_remote_code" if cfg.model.trust_remote_code else "lora" if cfg.model.lora
+               else "attention_anneal_steps")
+        raise ConfigError(f"model.{key}: applies to a pretrained backbone only; set model.pretrained")
     if cfg.model.hidden_size % cfg.model.num_heads or (cfg.model.hidden_size // cfg.model.num_heads) % 2:
         raise ConfigError(f"model.num_heads: hidden_size {cfg.model.hidden_size} must split into heads of even size")
-    if cfg.data.seq_len > cfg.model.max_seq_len:
+    if cfg.data.seq_len > cfg.model.max_seq_len and not cfg.model.pretrained:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}")
     if cfg.data.source == "files" and not cfg.data.paths:
         raise ConfigError("data.paths: source=files needs at least one file or directory")
     if cfg.data.source == "hub" and not cfg.data.hub_name:
         raise ConfigError("data.hub_name: source=hub needs a dataset name")
     return cfg
+
+
+LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": list}
+
+
+def validate_pretrained(cfg: RunConfig) -> None:
+    """``model.pretrained``: the data use the checkpoint's tokenizer unless ``data.tokenizer`` names another (the
+    markov corpus brings its own, so it cannot feed a pretrained vocabulary); the LoRA keys are checked here."""
+    m = cfg.model
+    if cfg.data.source == "markov":
+        raise ConfigError("data.source: markov has its own tokenizer; model.pretrained needs the checkpoint's "
+                          "(use data.source=files)")
+    where = Path(m.pretrained)
+    if where.is_dir() and not (where / "config.json").is_file():
+        raise ConfigError(f"model.pretrained: {where} holds no model (no config.json)")
+    if not where.exists() and (where.is_absolute() or m.pretrained.startswith(".")):
+        raise ConfigError(f"model.pretrained: {where} does not exist")
+    if cfg.data.tokenizer == "train":  # the checkpoint's tokenizer; tdlm's own model/ keeps it one level up
+        own = Path(m.pretrained)
+        beside = own.parent / "tokenizer"
+        no_tokenizer = own.is_dir() and not (own / "tokenizer_config.json").is_file()
+        cfg.data.tokenizer = str(beside) if no_tokenizer and beside.is_dir() else m.pretrained
+    if m.attention_anneal_steps < 0:
+        raise ConfigError(f"model.attention_anneal_steps: must be >= 0, got {m.attention_anneal_steps}")
+    for key, value in m.lora.items():
+        if key not in LORA_KEYS:
+            raise ConfigError(f"model.lora.{key}: unknown key; valid keys: {', '.join(LORA_KEYS)}")
+        if not isinstance(value, LORA_KEYS[key]) or isinstance(value, bool):
+            raise ConfigError(f"model.lora.{key}: wrong type {type(value).__name__} ({value!r})")
+    if m.lora and int(m.lora.get("r", 8)) <= 0:
+        raise ConfigError(f"model.lora.r: must be > 0, got {m.lora['r']}")
+    if m.lora and not 0.0 <= float(m.lora.get("dropout", 0.0)) < 1.0:
+        raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {m.lora['dropout']}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:

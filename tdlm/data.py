@@ -164,14 +164,24 @@ def markov_tokenizer(source: MarkovSource):
 
 
 def load_pretrained_tokenizer(name_or_path: str):
-    """A pretrained tokenizer by local path or hub name; adds [MASK]/[PAD]/BOS/EOS if it lacks them."""
+    """A pretrained tokenizer by local path or hub name; adds [MASK]/[PAD]/BOS/EOS if it lacks them.
+
+    A model directory whose config.json names a ``mask_token_id`` (LLaDA) keeps that token as the mask. [MASK]
+    is added first, so a vocabulary that lacks one gets it at id ``len(vocab)``, MDLM's convention for GPT-2."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as exc:  # noqa: BLE001 - many loader errors; one clear line for the user
-        raise ConfigError(f"data.tokenizer: cannot load tokenizer {name_or_path!r}: {str(exc).splitlines()[0]}")
-    missing = {k: v for k, v in SPECIAL_TOKENS.items() if getattr(tok, k, None) is None}
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"data.tokenizer: cannot load tokenizer {name_or_path!r}: {reason}") from None
+    config_file = Path(name_or_path) / "config.json"
+    if tok.mask_token is None and config_file.is_file():
+        mask_id = json.loads(config_file.read_text()).get("mask_token_id")
+        if isinstance(mask_id, int) and 0 <= mask_id < len(tok):
+            tok.mask_token = tok.convert_ids_to_tokens(mask_id)
+    order = ("mask_token", "pad_token", "bos_token", "eos_token")
+    missing = {k: SPECIAL_TOKENS[k] for k in order if getattr(tok, k, None) is None}
     if missing:
         tok.add_special_tokens(missing)
     return tok

@@ -59,7 +59,7 @@ def run_world_size(run_dir: Path) -> int:
 @dataclass
 class LoadedCheckpoint:
     path: Path
-    model: object            # TdlmForMaskedOrCausalLM in eval mode
+    model: object            # TdlmForMaskedOrCausalLM or HFBackbone, in eval mode
     tokenizer: object
     state: dict              # trainer_state.json
     config: RunConfig | None  # the run's config.yaml, when the checkpoint sits in a run dir
@@ -73,16 +73,25 @@ def load_checkpoint(path: str | Path, which: str = "best") -> LoadedCheckpoint:
     import transformers
     from transformers import AutoTokenizer
 
-    from .model import TdlmForMaskedOrCausalLM
-
     transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar per load
     ckpt = resolve_checkpoint(path, which)
     if not (ckpt / "model" / "config.json").is_file():
         raise ConfigError(f"--checkpoint: {ckpt} has no model/ (written by save_pretrained)")
-    model = TdlmForMaskedOrCausalLM.from_pretrained(str(ckpt / "model")).eval()
+    model = load_model_dir(ckpt / "model")
     tok_dir = ckpt / "tokenizer" if (ckpt / "tokenizer").is_dir() else run_dir_of(ckpt) / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     return LoadedCheckpoint(ckpt, model, tokenizer, read_state(ckpt), load_run_config(run_dir_of(ckpt)))
+
+
+def load_model_dir(path: str | Path):
+    """A saved ``model/`` in eval mode: tdlm's own backbone, or a Hugging Face backbone rebuilt from the flag its
+    export carries (interface, attention, logit shift, mask token; ``tdlm.hf_backbone``)."""
+    from .hf_backbone import is_hf_export, load_hf_export
+    from .model import TdlmForMaskedOrCausalLM
+
+    if is_hf_export(path):
+        return load_hf_export(path).eval()
+    return TdlmForMaskedOrCausalLM.from_pretrained(str(path)).eval()
 
 
 def count_parameters(model) -> dict:

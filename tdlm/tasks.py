@@ -28,6 +28,7 @@ from tdlm.objective import (StepOutputs, autoregressive_outputs, masked_diffusio
                             sequence_sums)
 
 VALIDATION_SALT = 424242  # keeps the fixed validation noise apart from every training step's stream
+ANNEAL_SALT = 515151  # the attention-annealing patterns' stream, apart from the masking noise
 
 
 @dataclass
@@ -54,6 +55,10 @@ def load_exported(path: Path) -> TdlmForMaskedOrCausalLM:
     ``zero.Init`` and shard it again (a collective the other processes are not in)."""
     from safetensors.torch import load_file
 
+    from tdlm.hf_backbone import is_hf_export, load_hf_export
+
+    if is_hf_export(path):
+        return load_hf_export(path)
     model = TdlmForMaskedOrCausalLM(TdlmForMaskedOrCausalLM.config_class.from_pretrained(str(path)))
     missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding and not saved
@@ -73,9 +78,15 @@ class TextTask(Task):
             self.data = resolve_data(cfg.data, log=accelerator.print)
         tok = self.tokenizer = self.data.tokenizer
         self.mask_id, self.pad_id = tok.mask_token_id, tok.pad_token_id
-        if cfg.model.vocab_size and cfg.model.vocab_size < len(tok):
-            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {len(tok)}")
-        self.model = build_model(cfg.model, len(tok), self.mask_id, self.pad_id, cfg.diffusion)
+        if cfg.model.pretrained:
+            from tdlm.hf_backbone import build_pretrained
+
+            self.model = build_pretrained(cfg.model, cfg.diffusion, tok, cfg.data.seq_len, log=accelerator.print)
+        else:
+            if cfg.model.vocab_size and cfg.model.vocab_size < len(tok):
+                raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                                  f"{len(tok)}")
+            self.model = build_model(cfg.model, len(tok), self.mask_id, self.pad_id, cfg.diffusion)
         self.train_set, self.collate_fn = self.data.train, Collator(self.pad_id)
         self.units_per_row = cfg.data.seq_len
         self.val_noise: tuple[torch.Tensor, ...] = ()
@@ -97,6 +108,12 @@ class TextTask(Task):
         if fp and fp != tokenizer_fingerprint(self.tokenizer):
             raise ConfigError(f"trainer.resume: tokenizer of {ckpt} differs from the data's tokenizer "
                               f"(vocab {saved['vocab_size']} vs {len(self.tokenizer)}); same data.* settings needed")
+        if self.cfg.model.pretrained:  # the shape is the pretrained model's; the objective must match
+            flag = saved.get("tdlm", saved)
+            if bool(flag.get("causal")) != self.cfg.model.causal:
+                raise ConfigError(f"model.causal: {self.cfg.model.causal} differs from the checkpoint's "
+                                  f"{flag.get('causal')} in {ckpt}")
+            return
         for key in ("hidden_size", "num_layers", "num_heads", "causal"):
             if saved[key] != getattr(self.cfg.model, key):
                 raise ConfigError(f"model.{key}: {getattr(self.cfg.model, key)} differs from the checkpoint's "
@@ -107,6 +124,18 @@ class TextTask(Task):
 
     def export(self, directory: Path):
         self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+        if self.cfg.model.pretrained and (directory / "model").is_dir():  # the Auto classes load model/ alone
+            self.tokenizer.save_pretrained(str(directory / "model"))
+
+    def begin_step(self, step: int):
+        """Attention annealing of an adapted causal LM (DiffuLLaMA): step s attends causally plus each future key
+        with probability s / model.attention_anneal_steps, one pattern per step drawn from a generator keyed by
+        the step (every process, and a resumed run, draws the same); full attention from then on."""
+        n = self.cfg.model.attention_anneal_steps
+        if n and hasattr(self.model, "set_attention_anneal"):
+            ratio = (step - 1) / n if step <= n else None
+            self.model.set_attention_anneal(ratio, self.cfg.data.seq_len,
+                                            keyed_generator(self.cfg.trainer.seed, step, salt=ANNEAL_SALT))
 
     def load_export(self, model_dir: Path):
         return load_exported(model_dir)
@@ -123,8 +152,13 @@ class TextTask(Task):
     def build_metrics(self, sinks, is_main):
         from tdlm.metrics.text_health import build_text_metrics
 
+        backbone = {"num_layers": self.model.config.num_layers,
+                    "attention_probs": getattr(self.model, "supports_attention_probs", True)}
+        if not backbone["attention_probs"] and self.cfg.metrics.tiers.advanced.enabled and is_main:
+            print(f"metrics: advanced/attention_entropy, hidden-state norms and sequence_diversity are off: the "
+                  f"{self.model.adaptation.interface} remote-code interface returns no attention probabilities")
         return build_text_metrics(self.cfg, mask_id=self.mask_id, device=self.accelerator.device, sinks=sinks,
-                                  is_main=is_main, baselines=self.data.baselines())
+                                  is_main=is_main, baselines=self.data.baselines(), backbone=backbone)
 
     def metric_specs(self):
         from tdlm.metrics.text import TEXT
@@ -144,6 +178,10 @@ class TextTask(Task):
         limit = max_batches * B if max_batches else None
         per_process = math.ceil(max_batches / acc.num_processes) if max_batches else None
         total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        # validation scores the denoiser evaluation loads: full attention, also while training anneals it
+        pattern = getattr(self.model, "anneal_pattern", None)
+        if pattern is not None:
+            self.model.anneal_pattern = None
         for i, batch in enumerate(self.val_dl):
             if per_process and i >= per_process:
                 break
@@ -154,6 +192,8 @@ class TextTask(Task):
             if limit:
                 rows = rows[rows[:, 2] < limit]
             total += rows[:, :2].sum(0)
+        if pattern is not None:
+            self.model.anneal_pattern = pattern
         return ValidationSums(total[0], total[1])
 
     def summary(self, best_val):

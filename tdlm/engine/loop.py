@@ -163,6 +163,7 @@ class Engine:
         t0 = self._clock()
         batches = self._next_batches(accum)
         t1 = self._clock()
+        task.begin_step(step)
         noise = task.draw_noise(keyed_generator(t.seed, step), accum * world * B)
         local = sum(task.num_targets(b) for b in batches).double()
         # One tensor all-reduce, no host sync: the global target count and the processes' SIGTERM votes.

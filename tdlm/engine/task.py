@@ -72,6 +72,10 @@ class Task:
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- one step
+    def begin_step(self, step: int) -> None:
+        """Before optimizer step ``step``'s micro-batches (a step-dependent schedule of the model, say); a resumed
+        run calls it with the same steps."""
+
     def draw_noise(self, generator: torch.Generator, rows: int) -> tuple[torch.Tensor, ...]:
         """The step's noise for ``rows`` global rows, each tensor with ``rows`` leading; the engine slices it."""
         return ()

@@ -348,6 +348,8 @@ class ModelProbe(Collector):
     tier = "advanced"
     window = False
     needs = ("mask", "hidden_states", "attention_probs")
+    # absent (never a proxy) on a backbone that cannot return its attention probabilities (remote code)
+    applies = classmethod(lambda cls, ctx: bool(ctx.get("attention_probs", True)))
     metrics = (MetricSpec("advanced/attention_entropy_layer{i}", "nats", "attention entropy of layer i"),
                MetricSpec("advanced/attention_entropy", "nats", "attention entropy, mean over layers"),
                MetricSpec("advanced/attention_entropy_proxy", "nats", "alias of advanced/attention_entropy"),

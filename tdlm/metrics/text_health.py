@@ -82,14 +82,16 @@ TEXT_RULES = (
 
 
 def build_text_metrics(cfg, *, mask_id: int, device=None, sinks=(), is_main: bool = True,
-                       baselines: dict | None = None) -> MetricRunner:
+                       baselines: dict | None = None, backbone: dict | None = None) -> MetricRunner:
     """The runner of a text run: enabled tiers from ``cfg.metrics.tiers``, rules with YAML overrides.
 
     ``baselines``: what is reachable on the run's data (``PreparedData.baselines()``: ``unigram_accuracy``,
     ``optimal_loss``), the rules' parameters of those names; without them those parts of the rules are off.
+    ``backbone``: what the model is, when not the config's own (a pretrained one): ``num_layers`` and
+    ``attention_probs`` (whether it can return them; ``ModelProbe`` is absent otherwise).
     """
     ctx = {"causal": cfg.model.causal, "mask_id": mask_id, "num_layers": cfg.model.num_layers,
-           "clip_weight": cfg.diffusion.clip_weight}
+           "clip_weight": cfg.diffusion.clip_weight, "attention_probs": True, **(backbone or {})}
     enabled = {t: getattr(cfg.metrics.tiers, t).enabled for t in TIERS}
     health = HealthMonitor(TEXT_RULES, cfg.metrics.health, warmup_steps=cfg.optim.warmup_steps, baselines=baselines)
     return MetricRunner(TEXT.build(enabled, ctx), tier_cadences(cfg.metrics), cfg.trainer.max_steps,
