@@ -348,3 +348,22 @@ def test_a_checkpoint_scored_outside_its_run_dir_uses_its_own_schedule(tmp_path,
     finally:
         release(acc)
     assert linear["schedule"] == "linear" and abs(linear["nelbo_per_token"] - outside["nelbo_per_token"]) > 1e-3
+
+
+def test_gen_ppl_frontier_two_temperatures_entropy_falls_with_temperature(runs, capsys, tmp_path):
+    out = tmp_path / "frontier"
+    capsys.readouterr()
+    assert gen_ppl.main(["--frontier", "--checkpoints", str(runs["diff"]["dir"]), str(runs["ar"]["dir"]),
+                         "--scorer", str(runs["ar"]["dir"]), "--temperatures", "1.0", "0.3", "--steps", "16",
+                         "--num-samples", "6", "--out", str(out), "--json"]) == 0
+    report = json.loads((out / "frontier.json").read_text())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert [r["label"] for r in report["runs"]] == ["diff", "ar"] and report["scorer"].endswith("step_0000024")
+    for r in report["runs"]:
+        hot, cold = r["points"]
+        assert (hot["temperature"], cold["temperature"]) == (1.0, 0.3) and hot["num_samples"] == 6
+        assert cold["unigram_entropy"] < hot["unigram_entropy"], r["label"]
+        assert hot["sampling_precision"].startswith("float64") and hot["gen_ppl"] > 1
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert gen_ppl.main(["--frontier", "--checkpoints", str(runs["diff"]["dir"]), "--out", str(out)]) == 2
+    assert "needs a causal scorer" in capsys.readouterr().err
