@@ -25,10 +25,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tdlm.accel import run_script
-from tdlm.config import ConfigError
 from tdlm.likelihood import ESTIMATORS
 from tdlm.runs import load_checkpoint
-from tdlm.zero_shot import CHUNKING, SETS, evaluate_sets, find_local, get_set, markdown_table
+from tdlm.zero_shot import CHUNKING, SETS, evaluate_sets, markdown_table, resolve_paths
 
 
 def add_zero_shot_args(p: argparse.ArgumentParser) -> None:
@@ -59,29 +58,8 @@ def parse_args(argv):
     return args
 
 
-def local_paths(args) -> dict:
-    """{set: path} of the sets to score, checked before any model is loaded."""
-    given = {}
-    for item in args.data:
-        name, sep, path = item.partition("=")
-        if not sep or not path:
-            raise ConfigError(f"--data: {item!r} is not NAME=PATH")
-        get_set(name)
-        given[name] = path
-    names = args.datasets or list(SETS)
-    for name in names:
-        get_set(name)
-    paths = {n: p for n in names if (p := find_local(n, given, args.data_root)) is not None}
-    missing = [n for n in (args.datasets or []) if n not in paths]
-    if missing:
-        raise ConfigError(f"--datasets: no local data for {', '.join(missing)} (give --data NAME=PATH or --data-root)")
-    if not paths:
-        raise ConfigError("--data: no local data for any set; nothing is downloaded")
-    return paths
-
-
 def compute(args, accelerator) -> dict:
-    paths = local_paths(args)
+    paths = resolve_paths(args.datasets, args.data, args.data_root)
     ck = load_checkpoint(args.checkpoint, args.which)
     results = evaluate_sets(ck, accelerator, paths, args.chunking, args.seq_len, args.split, args.estimator,
                             args.mc_passes, args.seed, args.t_min, args.batch_size, args.max_documents)

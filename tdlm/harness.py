@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from .accel import gather_objects
 from .config import ConfigError
 from .likelihood import NelboEstimator, sequence_ar_nll, sequence_nelbo
 from .objective import autoregressive_outputs
@@ -247,3 +250,50 @@ class TdlmLM(LM):
             self.records.append({"type": "generate_until", "args": [context[-80:]], "text": text, "steps": steps})
         self.seconds += time.perf_counter() - start
         return out
+
+
+def _summary(values: list[float]) -> dict | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return {"mean": sum(vals) / len(vals), "max": max(vals), "n": len(vals)} if vals else None
+
+
+def run_tasks(accelerator, checkpoint: str, tasks: list[str], include_path: str | None = None,
+              mc_passes: int = 32, batch_size: int = 16, seed: int = 0, limit=None, steps: int = 0,
+              method: str = "low_confidence", block_length: int = 0, max_gen_toks: int = 64,
+              which: str = "best", loaded=None) -> tuple[dict, list[dict]]:
+    """lm-eval's results for ``tasks`` plus the recipe and timing (the same dict on every process's return; only
+    the main process gets lm-eval's results), and the per-request records of this process."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if include_path and not Path(include_path).is_dir():
+        raise ConfigError(f"--include-path: {include_path} is not a directory")
+    manager = None
+    if include_path:  # indexing lm-eval's thousands of built-in tasks takes long: only when a task is not local
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if not all(t in manager.all_tasks for t in tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)} (lm-eval's registry"
+                          f"{' and ' + include_path if include_path else ''})")
+    lm = TdlmLM(checkpoint, which, mc_passes, batch_size, seed, steps, method, block_length, max_gen_toks,
+                accelerator=accelerator, loaded=loaded)
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False,
+                                  bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed)
+    records = lm.records
+    n = len(gather_objects(accelerator, records))
+    out = {"checkpoint": str(lm.ck.path), "causal": lm.causal, "tasks": tasks,
+           "results": (res or {}).get("results"), "mc_passes": 1 if lm.causal else mc_passes,
+           "estimator": "exact-autoregressive" if lm.causal else "exact-k conditional NELBO",
+           "requests": n, "seconds": lm.seconds, "seconds_per_100_requests": 100 * lm.seconds / max(1, len(records)),
+           "loglikelihood_stderr": _summary([r["stderr"] for r in records if r["type"] == "loglikelihood"]),
+           "rolling_stderr": _summary([r["stderr"] for r in records if r["type"] == "loglikelihood_rolling"]),
+           "sampler": {"steps": steps or "one per generated token", "method": method, "block_length": block_length,
+                       "gumbel": "float64"},
+           "num_processes": accelerator.num_processes}
+    return out, records

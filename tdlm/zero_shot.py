@@ -240,6 +240,25 @@ def find_local(name: str, data: dict, data_root: str | Path | None) -> Path | No
     return None
 
 
+def resolve_paths(datasets: list | None, data: list, data_root: str | None) -> dict:
+    """{set: local path} of the sets to score from ``--data NAME=PATH`` items and ``--data-root``; every named
+    set must have data, and without names every set that has data is taken. Checked before a model is loaded."""
+    given = {}
+    for item in data:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--data: {item!r} is not NAME=PATH")
+        given[get_set(name).name] = path
+    names = [get_set(n).name for n in datasets] if datasets else list(SETS)
+    paths = {n: p for n in names if (p := find_local(n, given, data_root)) is not None}
+    missing = [n for n in (datasets or []) if n not in paths]
+    if missing:
+        raise ConfigError(f"--datasets: no local data for {', '.join(missing)} (give --data NAME=PATH or --data-root)")
+    if not paths:
+        raise ConfigError("--data: no local data for any set; nothing is downloaded")
+    return paths
+
+
 def evaluate_sets(ck, accelerator, paths: dict, chunking: str = "wrap", seq_len: int = 0, split: str | None = None,
                   estimator: str = "stratified", passes: int = 4, seed: int = 0, t_min: float | None = None,
                   batch_size: int = 16, max_documents: int = 0) -> list[dict]:

@@ -48,7 +48,9 @@ def at_root(monkeypatch):
 
 
 def run(ck, tasks, **kw):
-    return harness.run_tasks(eval_accelerator(), str(ck.path), tasks, TASKS, loaded=ck, **kw)
+    from tdlm.harness import run_tasks
+
+    return run_tasks(eval_accelerator(), str(ck.path), tasks, TASKS, loaded=ck, **kw)
 
 
 def test_loglikelihood_is_the_conditional_nelbo_within_3_stderr(runs, at_root):
