@@ -119,7 +119,8 @@ def _se(r: dict) -> str:
 
 def markdown(report: dict) -> str:
     lines = ["# Evaluation report", "", f"Recipe: {report['recipe']}", "", "## In-domain (validation split)", "",
-             "| checkpoint | step | ppl | nelbo/token +- stderr | tokens | estimator x passes |", "|---|---|---|---|---|---|"]
+             "| checkpoint | step | ppl | nelbo/token +- stderr | tokens | estimator x passes |",
+             "|---|---|---|---|---|---|"]
     for c in report["checkpoints"]:
         r = c.get("in_domain")
         if r:
@@ -138,6 +139,7 @@ def markdown(report: dict) -> str:
         for c in report["checkpoints"]:
             h = c.get("harness") or {}
             se = (h.get("loglikelihood_stderr") or h.get("rolling_stderr") or {}).get("mean")
+            se = "n/a" if se is None else f"{se:.4f}"
             for task, metrics in (h.get("results") or {}).items():
                 for k, v in metrics.items():
                     if isinstance(v, float) and math.isfinite(v) and "stderr" not in k:

@@ -367,3 +367,32 @@ def test_gen_ppl_frontier_two_temperatures_entropy_falls_with_temperature(runs, 
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert gen_ppl.main(["--frontier", "--checkpoints", str(runs["diff"]["dir"]), "--out", str(out)]) == 2
     assert "needs a causal scorer" in capsys.readouterr().err
+
+
+def test_report_runs_every_part_and_matches_the_standalone_scripts(runs, capsys, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    report_script = load_script("report")
+    monkeypatch.chdir(ROOT)  # the test task YAMLs name their data relative to the repository root
+    ptb = tmp_path / "ptb.jsonl"
+    ptb.write_text("".join(json.dumps({"sentence": s}) + "\n" for s in ["a b c d e f", "f e d c b a a b"]))
+    out = tmp_path / "report"
+    ckpts = [str(runs["diff"]["dir"]), str(runs["ar"]["dir"])]
+    assert report_script.main(["--checkpoints", *ckpts, "--out", str(out), "--data", f"ptb={ptb}", "--tasks",
+                               "tdlm_toy_mc", "--include-path", str(ROOT / "tests" / "harness_tasks"), "--scorer",
+                               ckpts[1], "--temperatures", "1.0", "--steps", "8", "--num-samples", "2",
+                               "--mc-passes", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    diff, ar = report["checkpoints"]
+    alone = run_json(perplexity, ["--checkpoint", ckpts[0], "--estimator", "exact-k", "--mc-passes", "3", "--json"],
+                     capsys)
+    assert diff["in_domain"]["per_pass"] == alone["per_pass"]  # the same bound, the same noise
+    assert ar["in_domain"]["nelbo_per_token"] == pytest.approx(runs["ar"]["result"]["val/loss"], rel=1e-9)
+    # 2 documents of 6 and 8 words + [BOS]/[EOS] each, wrapped into one block of 32
+    assert diff["zero_shot"][0]["num_tokens"] == 18 and ar["zero_shot"][0]["num_tokens"] == 17
+    assert diff["harness"]["requests"] == 7 and "acc,none" in ar["harness"]["results"]["tdlm_toy_mc"]
+    assert [len(c["frontier"]) for c in (diff, ar)] == [1, 1]
+    md = (out / "report.md").read_text()
+    for part in ("## In-domain", "| diff | 24 | <=", "| ar | 24 |", "## Zero-shot", "95.26", "## lm-eval tasks",
+                 "tdlm_toy_mc", "## Gen-PPL frontier", "float64", "![frontier](frontier.png)"):
+        assert part in md, part
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
