@@ -82,8 +82,8 @@ def main(argv=None) -> int:
         for task, metrics in (out["results"] or {}).items():
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"{task}: {shown}")
-        print(f"{out['requests']} requests, {out['seconds_per_100_requests']:.2f} s per 100, loglikelihood stderr "
-              f"{out['loglikelihood_stderr']}")
+        print(f"{out['distinct_requests']} distinct requests, {out['seconds_per_100_requests']:.2f} s per 100, "
+              f"loglikelihood stderr {out['loglikelihood_stderr']}")
     return 0
 
 

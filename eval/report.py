@@ -134,8 +134,8 @@ def markdown(report: dict) -> str:
     else:
         lines += ["", "## Zero-shot perplexity", "", "No local data given (--data-root / --data): not run."]
     if any("harness" in c for c in report["checkpoints"]):
-        lines += ["", "## lm-eval tasks", "", "| checkpoint | task | metric | value | requests | s / 100 requests | "
-                  "loglikelihood stderr (mean) |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "## lm-eval tasks", "", "| checkpoint | task | metric | value | distinct requests | "
+                  "s / 100 requests | loglikelihood stderr (mean) |", "|---|---|---|---|---|---|---|"]
         for c in report["checkpoints"]:
             h = c.get("harness") or {}
             se = (h.get("loglikelihood_stderr") or h.get("rolling_stderr") or {}).get("mean")
@@ -143,7 +143,7 @@ def markdown(report: dict) -> str:
             for task, metrics in (h.get("results") or {}).items():
                 for k, v in metrics.items():
                     if isinstance(v, float) and math.isfinite(v) and "stderr" not in k:
-                        lines.append(f"| {c['label']} | {task} | {k} | {v:.4f} | {h['requests']} | "
+                        lines.append(f"| {c['label']} | {task} | {k} | {v:.4f} | {h['distinct_requests']} | "
                                      f"{h['seconds_per_100_requests']:.2f} | {'exact' if c['causal'] else se} |")
     if report.get("frontier_plot"):
         lines += ["", f"## Gen-PPL frontier (scorer {report['scorer']})", "",

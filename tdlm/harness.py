@@ -262,7 +262,7 @@ def run_tasks(accelerator, checkpoint: str, tasks: list[str], include_path: str 
               method: str = "low_confidence", block_length: int = 0, max_gen_toks: int = 64,
               which: str = "best", loaded=None) -> tuple[dict, list[dict]]:
     """lm-eval's results for ``tasks`` plus the recipe and timing (the same dict on every process's return; only
-    the main process gets lm-eval's results), and the per-request records of this process."""
+    the main process gets lm-eval's results), and the per-request records of all processes."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -285,12 +285,16 @@ def run_tasks(accelerator, checkpoint: str, tasks: list[str], include_path: str 
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False,
                                   bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed)
-    records = lm.records
-    n = len(gather_objects(accelerator, records))
+    # every process's distinct requests, in one order whatever the sharding. lm-eval pads the shorter shards with
+    # copies of a request; a request's estimate is keyed by its tokens, so copies are identical and kept once.
+    unique = {(r["type"], repr(r["args"])): r for r in gather_objects(accelerator, lm.records)}
+    records = [unique[k] for k in sorted(unique)]
+    n = len(records)
     out = {"checkpoint": str(lm.ck.path), "causal": lm.causal, "tasks": tasks,
            "results": (res or {}).get("results"), "mc_passes": 1 if lm.causal else mc_passes,
            "estimator": "exact-autoregressive" if lm.causal else "exact-k conditional NELBO",
-           "requests": n, "seconds": lm.seconds, "seconds_per_100_requests": 100 * lm.seconds / max(1, len(records)),
+           "distinct_requests": n, "seconds": lm.seconds,
+           "seconds_per_100_requests": 100 * lm.seconds / max(1, len(lm.records)),  # this process's
            "loglikelihood_stderr": _summary([r["stderr"] for r in records if r["type"] == "loglikelihood"]),
            "rolling_stderr": _summary([r["stderr"] for r in records if r["type"] == "loglikelihood_rolling"]),
            "sampler": {"steps": steps or "one per generated token", "method": method, "block_length": block_length,

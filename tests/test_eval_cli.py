@@ -389,7 +389,7 @@ def test_report_runs_every_part_and_matches_the_standalone_scripts(runs, capsys,
     assert ar["in_domain"]["nelbo_per_token"] == pytest.approx(runs["ar"]["result"]["val/loss"], rel=1e-9)
     # 2 documents of 6 and 8 words + [BOS]/[EOS] each, wrapped into one block of 32
     assert diff["zero_shot"][0]["num_tokens"] == 18 and ar["zero_shot"][0]["num_tokens"] == 17
-    assert diff["harness"]["requests"] == 7 and "acc,none" in ar["harness"]["results"]["tdlm_toy_mc"]
+    assert diff["harness"]["distinct_requests"] == 7 and "acc,none" in ar["harness"]["results"]["tdlm_toy_mc"]
     assert [len(c["frontier"]) for c in (diff, ar)] == [1, 1]
     md = (out / "report.md").read_text()
     for part in ("## In-domain", "| diff | 24 | <=", "| ar | 24 |", "## Zero-shot", "95.26", "## lm-eval tasks",

@@ -56,7 +56,7 @@ def run(ck, tasks, **kw):
 def test_loglikelihood_is_the_conditional_nelbo_within_3_stderr(runs, at_root):
     ck = runs["diff"]
     out, records = run(ck, ["tdlm_toy_mc"], mc_passes=48)
-    assert out["requests"] == 7 and 0 <= out["results"]["tdlm_toy_mc"]["acc,none"] <= 1
+    assert out["distinct_requests"] == 7 and 0 <= out["results"]["tdlm_toy_mc"]["acc,none"] <= 1
     rec = next(r for r in records if r["args"] == ["a b c", " d e f a b c"])
     assert rec["tokens"] == 6 and rec["passes"] == 48
     tok, model, mask = ck.tokenizer, ck.model, ck.tokenizer.mask_token_id
@@ -162,3 +162,33 @@ def test_unknown_task_is_one_clear_error(runs, at_root, capsys):
                          TASKS]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown task(s) no_such_task" in err[0], err
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_results_as_one(runs, at_root, tmp_path):
+    """lm-eval shards the documents over the processes; the noise is keyed by each request's tokens, so every
+    request gets the same estimate, and the gathered records and metrics match one process."""
+    import os
+    import subprocess
+    import sys
+
+    from test_eval_cli import free_port
+
+    args = ["--checkpoint", str(runs["diff"].path), "--tasks", "tdlm_toy_mc", "tdlm_toy_rolling", "--include-path",
+            TASKS, "--mc-passes", "4", "--batch-size", "2"]
+    assert harness.main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()), str(ROOT / "eval" / "harness.py"), *args,
+                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "harness.json").read_text()) for d in ("one", "two"))
+    assert two["num_processes"] == 2 and one["distinct_requests"] == two["distinct_requests"] == 9
+    recs = [[json.loads(x) for x in (tmp_path / d / "requests.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    for a, b in zip(*recs):
+        assert a["args"] == b["args"] and a["loglikelihood"] == pytest.approx(b["loglikelihood"], rel=1e-5)
+    for task in ("tdlm_toy_mc", "tdlm_toy_rolling"):
+        for k, v in one["results"][task].items():
+            if isinstance(v, float) and "stderr" not in k:
+                assert two["results"][task][k] == pytest.approx(v, rel=1e-5), (task, k)
