@@ -10,6 +10,12 @@ blank-line-separated paragraph). ``--scorer``: a local HF causal-LM directory (n
 checkpoint / run dir of ours. Without a scorer the script stops with an error instead of reporting anything.
 Entropy and repetition are measured on the scorer's tokens, so runs scored by one scorer are comparable.
 Aggregation and conventions: ``tdlm/gen_metrics.py``.
+
+Frontier (``tdlm/frontier.py``; one process): sample each checkpoint at several temperatures (or step counts),
+score every batch with the scorer, and plot gen-PPL against unigram entropy, all checkpoints on one plot:
+
+    python eval/gen_ppl.py --frontier --checkpoints runs/quickstart runs/quickstart_ar --scorer /models/gpt2-large \
+        --temperatures 1.0 0.9 0.8 --steps 128 --num-samples 32 --out reports/frontier   # frontier.png + .json
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ if __package__ in (None, ""):
 from tdlm.accel import gather_objects, run_script, shard
 from tdlm.config import ConfigError
 from tdlm.gen_metrics import aggregate, load_scorer, score_samples
+from tdlm.sampling import METHODS
 
 
 def read_samples(paths: list[str]) -> list[str]:
@@ -48,12 +55,48 @@ def read_samples(paths: list[str]) -> list[str]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", nargs="+", required=True)
+    p.add_argument("--samples", nargs="+", help="sample files to score (not with --frontier)")
     p.add_argument("--scorer", help="local HF causal LM directory or AR checkpoint/run dir of ours (required)")
     p.add_argument("--rep-n", type=int, default=4, help="n of the repeated n-gram rate")
     p.add_argument("--max-samples", type=int, default=0)
     p.add_argument("--json", action="store_true")
-    return p.parse_args(argv)
+    f = p.add_argument_group("frontier")
+    f.add_argument("--frontier", action="store_true", help="sample and score a gen-PPL / entropy frontier")
+    f.add_argument("--checkpoints", nargs="+", default=[], help="checkpoints or run dirs, one curve each")
+    f.add_argument("--temperatures", nargs="+", type=float, default=[1.0, 0.9, 0.8])
+    f.add_argument("--steps", nargs="+", type=int, default=[64], help="diffusion sampler steps (one or several)")
+    f.add_argument("--method", default="ancestral", choices=METHODS)
+    f.add_argument("--num-samples", type=int, default=16, help="per point")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--which", default="best", choices=["best", "latest"])
+    f.add_argument("--out", help="directory for frontier.json and frontier.png")
+    args = p.parse_args(argv)
+    if args.frontier and (args.samples or not args.checkpoints or not args.out):
+        p.error("--frontier: give --checkpoints and --out, and no --samples")
+    if not args.frontier and not args.samples:
+        p.error("--samples: required (or --frontier with --checkpoints)")
+    return args
+
+
+def frontier(args) -> dict:
+    """Every checkpoint's points, the plot, and the JSON written to --out."""
+    from tdlm.frontier import frontier_points, plot_frontier
+    from tdlm.runs import load_checkpoint
+
+    scorer = load_scorer(args.scorer)
+    curves, runs = {}, []
+    for path in args.checkpoints:
+        ck = load_checkpoint(path, args.which)
+        label = ck.path.parent.parent.name if ck.path.parent.name == "checkpoints" else ck.path.name
+        label = label if label not in curves else f"{label}-{len(curves)}"
+        curves[label] = frontier_points(ck, scorer, args.temperatures, args.steps, args.num_samples, args.seed,
+                                        args.method)
+        runs.append({"label": label, "checkpoint": str(ck.path), "causal": ck.causal, "points": curves[label]})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"scorer": scorer.name, "runs": runs, "plot": plot_frontier(curves, out / "frontier.png")}
+    (out / "frontier.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 def compute(texts: list[str], scorer, accelerator, rep_n: int = 4) -> dict:
@@ -68,6 +111,16 @@ def compute(texts: list[str], scorer, accelerator, rep_n: int = 4) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.frontier:
+        code, out, is_main = run_script(lambda accelerator: frontier(args))
+        if code == 0 and is_main and args.json:
+            print(json.dumps(out))
+        elif code == 0 and is_main:
+            for r in out["runs"]:
+                for pt in r["points"]:
+                    print(f"{r['label']}: T={pt['temperature']:g} steps={pt['steps']} gen-PPL {pt['gen_ppl']:.3f} "
+                          f"entropy {pt['unigram_entropy']:.3f} nats   ({pt['sampling_precision']})")
+        return code
 
     def work(accelerator):
         scorer = load_scorer(args.scorer)  # fails before any scoring without a scorer

@@ -187,25 +187,20 @@ def eval_split(split: str, tokenizer, seq_len: int, run_config=None, data_dir: s
     return ds.with_format("torch")
 
 
-def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: str | None = None,
-                          text_files: list | None = None, estimator: str = "stratified", passes: int = 4,
-                          seed: int = 0, t_min: float | None = None, batch_size: int = 16,
-                          max_sequences: int = 0) -> dict:
-    """Perplexity of a loaded checkpoint (``tdlm.runs.load_checkpoint``) as the dict eval/perplexity.py prints:
-    the NELBO bound with its Monte-Carlo stderr, or the exact AR perplexity (stderr 0). The schedule and t_min
-    are the checkpoint's own (saved in its model config), so a checkpoint scored outside its run directory uses
-    them too; ``t_min`` overrides. ``split`` is the one scored, or "text" for ``text_files``."""
+def score_rows(ck, ds, accelerator, estimator: str = "stratified", passes: int = 4, seed: int = 0,
+               t_min: float | None = None, batch_size: int = 16) -> tuple[LikelihoodResult, dict]:
+    """Score a dataset of fixed-length rows {input_ids, idx} (torch format, pads = the tokenizer's pad) with a
+    loaded checkpoint: the NELBO bound (``estimator``, ``passes``) or, for an AR checkpoint, the exact NLL.
+    Returns the result and the recipe (estimator, passes, schedule, t_min) that produced it. The schedule and
+    t_min are the checkpoint's own (saved in its model config), so a checkpoint scored outside its run directory
+    uses them too; ``t_min`` overrides."""
     from .data import Collator
     from .model import noise_schedule
 
-    tok, cfg = ck.tokenizer, ck.config
-    seq_len = cfg.data.seq_len if cfg else ck.model.config.max_seq_len
-    with accelerator.main_process_first():
-        ds = eval_split(split, tok, seq_len, cfg, data_dir, text_files, max_sequences)
+    tok = ck.tokenizer
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=Collator(tok.pad_token_id))
     model, dl = accelerator.prepare(ck.model, dl)
     mc = ck.model.config  # the schedule the checkpoint was trained under (saved with the model)
-    schedule_name = mc.schedule
     t_min = t_min if t_min is not None else mc.t_min
     est = None
     if not ck.causal:
@@ -213,12 +208,29 @@ def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: 
     passes = 1 if ck.causal else passes
     res = evaluate(model, dl, accelerator, tok.pad_token_id, tok.mask_token_id, ck.causal, est, passes)
     del model, dl  # prepared objects must not outlive the accelerator (gloo teardown)
+    recipe = {"kind": "exact" if ck.causal else "bound", "mc_passes": passes,
+              "estimator": "exact-autoregressive" if ck.causal else estimator, "seed": seed,
+              "schedule": None if ck.causal else mc.schedule, "t_min": None if ck.causal else t_min}
+    return res, recipe
+
+
+def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: str | None = None,
+                          text_files: list | None = None, estimator: str = "stratified", passes: int = 4,
+                          seed: int = 0, t_min: float | None = None, batch_size: int = 16,
+                          max_sequences: int = 0) -> dict:
+    """Perplexity of a loaded checkpoint (``tdlm.runs.load_checkpoint``) as the dict eval/perplexity.py prints:
+    the NELBO bound with its Monte-Carlo stderr, or the exact AR perplexity (stderr 0), by ``score_rows``.
+    ``split`` is the one scored, or "text" for ``text_files``."""
+    tok, cfg = ck.tokenizer, ck.config
+    seq_len = cfg.data.seq_len if cfg else ck.model.config.max_seq_len
+    with accelerator.main_process_first():
+        ds = eval_split(split, tok, seq_len, cfg, data_dir, text_files, max_sequences)
+    res, recipe = score_rows(ck, ds, accelerator, estimator, passes, seed, t_min, batch_size)
     return {"checkpoint": str(ck.path), "step": ck.state.get("step"), "split": "text" if text_files else split,
-            "text_files": [str(f) for f in text_files] if text_files else None,
-            "kind": "exact" if ck.causal else "bound",
+            "text_files": [str(f) for f in text_files] if text_files else None, "kind": recipe["kind"],
             "nelbo_per_token": res.nelbo_per_token, "perplexity_bound": res.perplexity, "perplexity": res.perplexity,
-            "stderr": 0.0 if ck.causal else res.stderr, "mc_passes": passes,
-            "estimator": "exact-autoregressive" if ck.causal else estimator, "num_tokens": res.num_tokens,
+            "stderr": 0.0 if ck.causal else res.stderr, "mc_passes": recipe["mc_passes"],
+            "estimator": recipe["estimator"], "num_tokens": res.num_tokens,
             "num_sequences": res.num_sequences, "seed": seed, "per_pass": res.per_pass,
-            "schedule": None if ck.causal else schedule_name, "t_min": None if ck.causal else t_min,
+            "schedule": recipe["schedule"], "t_min": recipe["t_min"],
             "num_processes": accelerator.num_processes}

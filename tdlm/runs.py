@@ -79,6 +79,8 @@ def load_checkpoint(path: str | Path, which: str = "best") -> LoadedCheckpoint:
         raise ConfigError(f"--checkpoint: {ckpt} has no model/ (written by save_pretrained)")
     model = load_model_dir(ckpt / "model")
     tok_dir = ckpt / "tokenizer" if (ckpt / "tokenizer").is_dir() else run_dir_of(ckpt) / "tokenizer"
+    if not (tok_dir / "tokenizer_config.json").is_file():  # else transformers would try the hub with the path
+        raise ConfigError(f"--checkpoint: {ckpt} has no tokenizer (neither {ckpt / 'tokenizer'} nor the run's)")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     return LoadedCheckpoint(ckpt, model, tokenizer, read_state(ckpt), load_run_config(run_dir_of(ckpt)))
 

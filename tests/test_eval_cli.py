@@ -348,3 +348,51 @@ def test_a_checkpoint_scored_outside_its_run_dir_uses_its_own_schedule(tmp_path,
     finally:
         release(acc)
     assert linear["schedule"] == "linear" and abs(linear["nelbo_per_token"] - outside["nelbo_per_token"]) > 1e-3
+
+
+def test_gen_ppl_frontier_two_temperatures_entropy_falls_with_temperature(runs, capsys, tmp_path):
+    out = tmp_path / "frontier"
+    capsys.readouterr()
+    assert gen_ppl.main(["--frontier", "--checkpoints", str(runs["diff"]["dir"]), str(runs["ar"]["dir"]),
+                         "--scorer", str(runs["ar"]["dir"]), "--temperatures", "1.0", "0.3", "--steps", "16",
+                         "--num-samples", "6", "--out", str(out), "--json"]) == 0
+    report = json.loads((out / "frontier.json").read_text())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert [r["label"] for r in report["runs"]] == ["diff", "ar"] and report["scorer"].endswith("step_0000024")
+    for r in report["runs"]:
+        hot, cold = r["points"]
+        assert (hot["temperature"], cold["temperature"]) == (1.0, 0.3) and hot["num_samples"] == 6
+        assert cold["unigram_entropy"] < hot["unigram_entropy"], r["label"]
+        assert hot["sampling_precision"].startswith("float64") and hot["gen_ppl"] > 1
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert gen_ppl.main(["--frontier", "--checkpoints", str(runs["diff"]["dir"]), "--out", str(out)]) == 2
+    assert "needs a causal scorer" in capsys.readouterr().err
+
+
+def test_report_runs_every_part_and_matches_the_standalone_scripts(runs, capsys, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    report_script = load_script("report")
+    monkeypatch.chdir(ROOT)  # the test task YAMLs name their data relative to the repository root
+    ptb = tmp_path / "ptb.jsonl"
+    ptb.write_text("".join(json.dumps({"sentence": s}) + "\n" for s in ["a b c d e f", "f e d c b a a b"]))
+    out = tmp_path / "report"
+    ckpts = [str(runs["diff"]["dir"]), str(runs["ar"]["dir"])]
+    assert report_script.main(["--checkpoints", *ckpts, "--out", str(out), "--data", f"ptb={ptb}", "--tasks",
+                               "tdlm_toy_mc", "--include-path", str(ROOT / "tests" / "harness_tasks"), "--scorer",
+                               ckpts[1], "--temperatures", "1.0", "--steps", "8", "--num-samples", "2",
+                               "--mc-passes", "3"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    diff, ar = report["checkpoints"]
+    alone = run_json(perplexity, ["--checkpoint", ckpts[0], "--estimator", "exact-k", "--mc-passes", "3", "--json"],
+                     capsys)
+    assert diff["in_domain"]["per_pass"] == alone["per_pass"]  # the same bound, the same noise
+    assert ar["in_domain"]["nelbo_per_token"] == pytest.approx(runs["ar"]["result"]["val/loss"], rel=1e-9)
+    # 2 documents of 6 and 8 words + [BOS]/[EOS] each, wrapped into one block of 32
+    assert diff["zero_shot"][0]["num_tokens"] == 18 and ar["zero_shot"][0]["num_tokens"] == 17
+    assert diff["harness"]["distinct_requests"] == 7 and "acc,none" in ar["harness"]["results"]["tdlm_toy_mc"]
+    assert [len(c["frontier"]) for c in (diff, ar)] == [1, 1]
+    md = (out / "report.md").read_text()
+    for part in ("## In-domain", "| diff | 24 | <=", "| ar | 24 |", "## Zero-shot", "95.26", "## lm-eval tasks",
+                 "tdlm_toy_mc", "## Gen-PPL frontier", "float64", "![frontier](frontier.png)"):
+        assert part in md, part
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
