@@ -14,9 +14,10 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch first, and only if missing: the local CPU wheel; a bare `pip install torch` would pull CUDA packages.
+# The eval extra (lm-eval-harness) is installed too, so `make test` runs the harness tests.
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,eval]'
 	touch $(STAMP)
 
 install: $(STAMP)
