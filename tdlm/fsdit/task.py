@@ -85,6 +85,10 @@ class FlowMatchingTask(Task):
         from tdlm.fsdit.fid import make_extractor
 
         c = self.cfg
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:  # sharded parameters: no process holds a whole model
+            raise ConfigError("eval.fid_every_n_steps: the in-training FID needs whole weights, which ZeRO-3 shards; "
+                              "set it to 0 and run eval/fsdit_sample.py + eval/fid.py on the checkpoints")
         plan = draw_plan(labels, classes, c.data.support_size, per_class_for(c.eval.fid_num_samples, len(classes)),
                          c.sample.seed, key="data.support_size")
         try:
