@@ -1,23 +1,15 @@
-"""FID and KID for FSDiT samples: our own float64 Frechet distance behind a pluggable feature extractor, a
-streaming (mergeable) mean/covariance accumulator, cached reference statistics, and a command line.
+"""FID and KID of generated images: a few-shot sample folder from ``eval/fsdit_sample.py`` (the reference is the
+held-out images of its classes, its support images left out unless --include-supports), or any image array
+against an explicit reference. Prints one JSON object: fid and kid ± std, n_gen, n_ref, the extractor, what the
+number may be called (``metric``: only Inception features give an FID) and whether supports were excluded.
 
-    python eval/fid.py --gen samples.npy --ref data/cifar100 --ref-classes 3 17 42 \
-        --extractor inception --inception-path weights/inception-2015-12-05.pt --cache-dir runs/fid_cache
+    python eval/fsdit_sample.py --checkpoint runs/fsdit --classes test --per-class 30 --out samples/  # then:
+    python eval/fid.py --gen samples/ --extractor inception --inception-path weights/inception-2015-12-05.pt
+    python eval/fid.py --gen samples/ --extractor siglip          # the run's SigLIP tower, offline
+    python eval/fid.py --gen samples.npy --ref data/cifar100 --ref-classes 3 17 42 --extractor inception ...
 
-FID = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), where tr((S1 S2)^(1/2)) is the sum of the square
-roots of the eigenvalues of S1 S2 (real and >= 0 for PSD S1, S2; numerically the square roots are taken in
-complex and the real part kept), all in float64. This is torchmetrics' and torch-fidelity's form; it avoids
-``scipy.linalg.sqrtm(..., disp=False)``, whose ``disp`` argument SciPy 1.18 removed (pytorch-fid, clean-fid break).
-
-FID is biased upwards roughly like 1/N and the covariance of N < d samples is rank-deficient (600 samples vs
-2048 Inception features): compare FIDs only at the same N, reference set and extractor, which is why every result
-carries ``n_gen``, ``n_ref`` and ``extractor``. KID (unbiased MMD^2 with the cubic polynomial kernel, averaged
-over random subsets) is reported beside it because it has no such bias.
-
-Extractors take images in [-1, 1], (N, 3, H, W). Inception weights are read only from a local file named by
-``fid.inception_path`` / ``--inception-path`` (NVIDIA's TorchScript ``inception-2015-12-05.pt`` as used by
-stylegan2-ada and clean-fid); nothing is ever downloaded. ``RandomConvExtractor`` is a fixed random CNN for tests
-and the CPU demo: its numbers are NOT FIDs and are not comparable with any published value.
+The distances, extractors and reference cache are ``tdlm.fsdit.fid`` (float64 Fréchet distance, streaming
+statistics, KID); the few-shot protocol is ``tdlm.fsdit.fewshot``. Bad input is one ``error:`` line, exit code 2.
 """
 
 from __future__ import annotations
@@ -25,278 +17,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import warnings
-from dataclasses import dataclass
+import sys
 from pathlib import Path
-from typing import Iterable, Protocol
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------------------------
-# Distances
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tdlm.engine.config import ConfigError  # noqa: E402
+from tdlm.fsdit.fid import (EXTRACTORS, FeatureExtractor, GaussianStats, InceptionExtractor,  # noqa: E402,F401
+                            RandomConvExtractor, ReferenceStats, SiglipExtractor, fid_kid, frechet_distance,
+                            iter_features, kernel_inception_distance, make_extractor, metric_name, quantize,
+                            reference_stats)
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64, clipped at 0 (round-off can go below)."""
-    mu1, mu2 = np.asarray(mu1, np.float64).ravel(), np.asarray(mu2, np.float64).ravel()
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"frechet_distance: shapes mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/{sigma2.shape}")
-    diff = mu1 - mu2
-    eigvals = np.linalg.eigvals(sigma1 @ sigma2)
-    tr_covmean = np.sqrt(eigvals.astype(np.complex128)).real.sum()  # tiny negative eigenvalues contribute 0
-    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean, 0.0))
-
-
-def kernel_inception_distance(
-    feats1: np.ndarray | torch.Tensor,
-    feats2: np.ndarray | torch.Tensor,
-    num_subsets: int = 100,
-    subset_size: int = 1000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """KID (Binkowski et al. 2018): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, over ``num_subsets`` random
-    subsets of ``min(subset_size, N1, N2)`` rows of each set, drawn without replacement. Returns (mean, std).
-
-    As in torchmetrics and clean-fid, KID of a set with itself is not exactly 0 but about
-    2 (mean off-diagonal k - mean diagonal k) / N: an element never meets itself within one subset, but can
-    across the two. It vanishes like 1/N; two independent samples of one distribution give about 0.
-    """
-    f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
-    d, m = f1.shape[1], min(subset_size, len(f1), len(f2))
-    if m < 2:
-        raise ValueError(f"kernel_inception_distance: need at least 2 samples per set, got {len(f1)} and {len(f2)}")
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(num_subsets):
-        x = f1[rng.choice(len(f1), m, replace=False)]
-        y = f2[rng.choice(len(f2), m, replace=False)]
-        k_xx, k_yy, k_xy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        # Unbiased: the diagonals k(x_i, x_i) are left out of the within-set means.
-        within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-        values.append(within - 2 * k_xy.mean())
-    return float(np.mean(values)), float(np.std(values))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Streaming statistics
-
-
-class GaussianStats:
-    """Running float64 sum, sum of outer products and count of feature vectors: mean and covariance at any time,
-    mergeable across batches, processes or files (add the three states; never average means)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.sum: torch.Tensor | None = None  # (d,)
-        self.outer: torch.Tensor | None = None  # (d, d)
-
-    def update(self, feats: torch.Tensor | np.ndarray) -> "GaussianStats":
-        f = torch.as_tensor(feats).detach().to(torch.float64)  # (N, d)
-        if self.sum is None:
-            self.sum = torch.zeros(f.shape[1], dtype=torch.float64, device=f.device)
-            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=f.device)
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
-        self.n += f.shape[0]
-        return self
-
-    def merge(self, other: "GaussianStats") -> "GaussianStats":
-        if other.sum is not None:
-            if self.sum is None:
-                self.sum, self.outer = other.sum.clone(), other.outer.clone()
-            else:
-                self.sum += other.sum.to(self.sum.device)
-                self.outer += other.outer.to(self.outer.device)
-            self.n += other.n
-        return self
-
-    def mean(self) -> np.ndarray:
-        return (self.sum / self.n).cpu().numpy()
-
-    def cov(self) -> np.ndarray:
-        """Unbiased covariance (divides by N - 1, as np.cov)."""
-        if self.n < 2:
-            raise ValueError(f"GaussianStats.cov: need at least 2 samples, got {self.n}")
-        mu = self.sum / self.n
-        return ((self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)).cpu().numpy()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Feature extractors
-
-
-class FeatureExtractor(Protocol):
-    """Images in [-1, 1], float (N, 3, H, W) -> features (N, d). ``id`` names the network and its weights: cached
-    reference statistics are only reused for the same id."""
-
-    id: str
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-class RandomConvExtractor(nn.Module):
-    """NOT Inception. A fixed, seeded random 3-layer CNN with mean pooling, for tests and the CPU demo only: it
-    makes the FID/KID machinery runnable offline; its distances are not comparable with published FIDs."""
-
-    def __init__(self, dim: int = 64, seed: int = 0):
-        super().__init__()
-        self.id, self.dim = f"randconv-v1-d{dim}-s{seed}-NOT-INCEPTION", dim
-        self.convs = nn.ModuleList([nn.Conv2d(3, 32, 3, 2, 1), nn.Conv2d(32, 64, 3, 2, 1), nn.Conv2d(64, dim, 3, 1, 1)])
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for conv in self.convs:  # He-normal weights so activations keep their scale through the ReLUs
-                fan_in = conv.weight[0].numel()
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-                conv.bias.copy_(0.1 * torch.randn(conv.bias.shape, generator=g))
-        self.requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        for conv in self.convs:
-            x = F.relu(conv(x))
-        return x.mean(dim=(2, 3))  # (N, dim)
-
-
-class InceptionExtractor:
-    """Inception-v3 pool3 features (2048-d) from a local TorchScript file with NVIDIA's calling convention:
-    ``model(x, return_features=True)``, x float in [0, 255], any size (the network resizes to 299 itself)."""
-
-    def __init__(self, weights_path: str | Path | None, key: str = "fid.inception_path", device: str = "cpu"):
-        if not weights_path or not Path(weights_path).is_file():
-            raise FileNotFoundError(
-                f"{key}: no Inception TorchScript file at '{weights_path}' (e.g. inception-2015-12-05.pt from "
-                f"stylegan2-ada-pytorch; weights are never downloaded, copy the file and pass its path)"
-            )
-        h = hashlib.sha1()
-        with open(weights_path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        self.id = f"inception-torchscript-{h.hexdigest()[:12]}"
-        self.device = torch.device(device)
-        with warnings.catch_warnings():
-            # torch 2.13 deprecates TorchScript, but the reference Inception weights only exist in that format.
-            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=DeprecationWarning)
-            self.model = torch.jit.load(str(weights_path), map_location=self.device).eval()
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x255 = (images.to(self.device).float() + 1.0) * 127.5
-        return self.model(x255, return_features=True).flatten(1)
-
-
-def make_extractor(name: str, inception_path: str | None = None, device: str = "cpu") -> FeatureExtractor:
-    if name == "inception":
-        return InceptionExtractor(inception_path, device=device)
-    if name == "randconv":
-        return RandomConvExtractor().to(device)
-    raise ValueError(f"fid.extractor must be 'inception' or 'randconv', got {name!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Feature extraction and cached reference statistics
-
-
-def quantize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 images pass through; float images in [-1, 1] are rounded to uint8 the way a saved PNG would be, so
-    generated and real images reach the extractor through the same pipeline. Returns uint8 (N, 3, H, W)."""
-    x = torch.as_tensor(images)
-    if x.dtype == torch.uint8:
-        return x
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def iter_features(
-    extractor: FeatureExtractor, images: np.ndarray | torch.Tensor, batch_size: int = 256
-) -> Iterable[torch.Tensor]:
-    """Features of ``images`` (uint8, or float in [-1, 1]; (N, 3, H, W)) one batch at a time, as float64 on CPU."""
-    for start in range(0, len(images), batch_size):
-        batch = quantize(images[start : start + batch_size]).float().div(127.5).sub(1.0)
-        yield extractor(batch).detach().to("cpu", torch.float64)
-
-
-@dataclass
-class ReferenceStats:
-    mu: np.ndarray
-    sigma: np.ndarray
-    n: int
-    extractor_id: str
-    ref_id: str
-    features: np.ndarray
-    """A seeded random subset (at most ``kid_features`` rows) of the reference features, for KID."""
-
-
-def reference_stats(
-    extractor: FeatureExtractor,
-    images: np.ndarray | torch.Tensor,
-    ref_id: str,
-    cache_path: str | Path | None = None,
-    batch_size: int = 256,
-    kid_features: int = 10_000,
-) -> ReferenceStats:
-    """Mean, covariance and a KID subset of the reference set's features, cached in an ``.npz``.
-
-    The cache is reused only if its extractor id, reference id and N all match; otherwise it is recomputed and
-    overwritten. ``ref_id`` should identify the images (e.g. ``tdlm.fsdit.data.fingerprint`` plus the class list).
-    """
-    n = len(images)
-    if cache_path is not None and Path(cache_path).is_file():
-        with np.load(cache_path, allow_pickle=False) as z:
-            if (str(z["extractor_id"]), str(z["ref_id"]), int(z["n"])) == (extractor.id, ref_id, n):
-                return ReferenceStats(z["mu"], z["sigma"], n, extractor.id, ref_id, z["features"])
-    keep = np.sort(np.random.default_rng(0).choice(n, min(n, kid_features), replace=False))
-    stats, kept, start = GaussianStats(), [], 0
-    for feats in iter_features(extractor, images, batch_size):
-        stats.update(feats)
-        rows = keep[(keep >= start) & (keep < start + len(feats))] - start
-        kept.append(feats[rows].numpy())
-        start += len(feats)
-    ref = ReferenceStats(stats.mean(), stats.cov(), n, extractor.id, ref_id, np.concatenate(kept).astype(np.float32))
-    if cache_path is not None:
-        path = Path(cache_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
-        np.savez(tmp, mu=ref.mu, sigma=ref.sigma, n=n, extractor_id=extractor.id, ref_id=ref_id, features=ref.features)
-        os.replace(tmp, path)  # atomic: concurrent evaluators never read a half-written file
-    return ref
-
-
-def fid_kid(
-    extractor: FeatureExtractor,
-    generated: np.ndarray | torch.Tensor,
-    ref: ReferenceStats,
-    batch_size: int = 256,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-) -> dict:
-    """FID and KID of ``generated`` images against ``ref``, with the sample sizes and the extractor id."""
-    if ref.extractor_id != extractor.id:
-        raise ValueError(f"fid: reference stats were computed with {ref.extractor_id}, not {extractor.id}")
-    stats, feats = GaussianStats(), []
-    for f in iter_features(extractor, generated, batch_size):
-        stats.update(f)
-        feats.append(f)
-    kid_mean, kid_std = kernel_inception_distance(
-        torch.cat(feats), ref.features, num_subsets=kid_subsets, subset_size=kid_subset_size
-    )
-    return {
-        "fid": frechet_distance(stats.mean(), stats.cov(), ref.mu, ref.sigma),
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "n_gen": stats.n,
-        "n_ref": ref.n,
-        "extractor": extractor.id,
-        "ref_id": ref.ref_id,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
+SETTINGS = "settings.json"  # what eval/fsdit_sample.py writes beside images.npy and supports.json
 
 
 def load_images(path: str, classes: list[int] | None = None, split: str = "all") -> tuple[np.ndarray, str]:
@@ -321,33 +56,99 @@ def load_images(path: str, classes: list[int] | None = None, split: str = "all")
     return arr, f"array-{hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]}"
 
 
+def sample_folder(gen: Path, ref_root: str | None, include_supports: bool):
+    """A folder of eval/fsdit_sample.py: (generated images, reference images, reference id, settings)."""
+    from tdlm.fsdit.data import fingerprint, load_cifar100_all
+    from tdlm.fsdit.fewshot import reference_indices
+
+    settings = json.loads((gen / SETTINGS).read_text())
+    root = ref_root or settings["data_root"]
+    try:
+        images, labels = load_cifar100_all(root)
+    except FileNotFoundError:
+        raise ConfigError(f"--ref: no CIFAR-100 python dataset at '{root}' (the sample folder's data root; "
+                          f"give the dataset's directory with --ref)") from None
+    supports = np.asarray([s["indices"] for s in json.loads((gen / "supports.json").read_text())], dtype=np.int64)
+    idx = reference_indices(labels, settings["classes"], supports, include_supports)
+    ref_id = (f"fewshot-{fingerprint(images, labels)}-c{'_'.join(map(str, settings['classes']))}-seed"
+              f"{settings['seed']}-{'with' if include_supports else 'without'}-supports")
+    return np.load(gen / "images.npy"), images[idx], ref_id, settings
+
+
+def siglip_encoder_of(settings: dict | None, siglip_path: str | None):
+    """The SigLIP tower of the run that made the samples (its siglip section), or the one at --siglip-path."""
+    from tdlm.fsdit.config import SiglipSection
+    from tdlm.fsdit.pipeline import build_encoder
+
+    if siglip_path:
+        return build_encoder(SiglipSection(path=siglip_path))
+    if settings is None:
+        raise ConfigError("--siglip-path: needed for --extractor siglip unless --gen is a folder of "
+                          "eval/fsdit_sample.py (whose run names its SigLIP)")
+    return build_encoder(SiglipSection(**settings["siglip"]))
+
+
+def run(args) -> dict:
+    gen = Path(args.gen)
+    settings = None
+    if gen.is_dir():
+        if not (gen / SETTINGS).is_file():
+            raise ConfigError(f"--gen: {gen} is a folder without {SETTINGS} (not written by eval/fsdit_sample.py)")
+        gen_images, ref_images, ref_id, settings = sample_folder(gen, args.ref, args.include_supports)
+    else:
+        if not args.ref:
+            raise ConfigError("--ref: needed when --gen is an image array (a sample folder names its own data)")
+        gen_images, _ = load_images(args.gen)
+        ref_images, ref_id = load_images(args.ref, args.ref_classes, args.ref_split)
+    encoder = siglip_encoder_of(settings, args.siglip_path) if args.extractor == "siglip" else None
+    try:
+        extractor = make_extractor(args.extractor, args.inception_path, args.device, siglip_encoder=encoder,
+                                   key="--inception-path")
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    cache = None
+    if args.cache_dir:
+        safe_id = hashlib.sha1(f"{extractor.id}|{ref_id}".encode()).hexdigest()[:16]
+        cache = Path(args.cache_dir) / f"fid-ref-{safe_id}.npz"
+    ref = reference_stats(extractor, ref_images, ref_id, cache, args.batch_size)
+    result = fid_kid(extractor, gen_images, ref, args.batch_size, args.kid_subsets, args.kid_subset_size)
+    result["supports_excluded"] = (not args.include_supports) if settings is not None else None
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gen", required=True, help="generated images: .npy/.npz, uint8 or float in [-1, 1]")
-    ap.add_argument("--ref", required=True, help="reference images: .npy/.npz or a CIFAR-100 root directory")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gen", required=True, help="a folder of eval/fsdit_sample.py, or an image array (.npy/.npz, "
+                    "uint8 or float in [-1, 1], NCHW or NHWC)")
+    ap.add_argument("--ref", default=None, help="reference images: .npy/.npz or a CIFAR-100 root directory (a sample "
+                    "folder's default: the data root of its run)")
+    ap.add_argument("--include-supports", action="store_true", help="keep the support images in the reference "
+                    "(the original code's comparison; rewards copying the supports)")
     ap.add_argument("--ref-split", default="all", choices=["all", "train", "test"])
     ap.add_argument("--ref-classes", type=int, nargs="*", default=None)
-    ap.add_argument("--extractor", default="inception", choices=["inception", "randconv"])
-    ap.add_argument("--inception-path", default=None, help="local TorchScript Inception file (fid.inception_path)")
+    ap.add_argument("--extractor", default="inception", choices=EXTRACTORS)
+    ap.add_argument("--inception-path", default=None, help="local TorchScript Inception file")
+    ap.add_argument("--siglip-path", default=None, help="a SigLIP directory (default: the sample folder's run's)")
     ap.add_argument("--cache-dir", default=None, help="where reference statistics are cached")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--kid-subsets", type=int, default=100)
     ap.add_argument("--kid-subset-size", type=int, default=1000)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-
-    extractor = make_extractor(args.extractor, args.inception_path, args.device)
-    ref_images, ref_id = load_images(args.ref, args.ref_classes, args.ref_split)
-    cache = None
-    if args.cache_dir:
-        safe_id = hashlib.sha1(f"{extractor.id}|{ref_id}".encode()).hexdigest()[:16]
-        cache = Path(args.cache_dir) / f"fid-ref-{safe_id}.npz"
-    ref = reference_stats(extractor, ref_images, ref_id, cache, args.batch_size)
-    gen_images, _ = load_images(args.gen)
-    result = fid_kid(extractor, gen_images, ref, args.batch_size, args.kid_subsets, args.kid_subset_size)
+    result = run(args)
     print(json.dumps(result))
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """Bad input (a missing file, a wrong folder) is one ``error:`` line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -16,25 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from .engine.checkpoint import latest_checkpoint, read_state
+from .engine.checkpoint import read_state, resolve_checkpoint  # noqa: F401 (resolve_checkpoint: re-exported)
 from .config import ConfigError, RunConfig, config_from_dict
-
-
-def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
-    """A checkpoint directory from a checkpoint path, or from a run dir (its ``best`` or ``latest`` checkpoint)."""
-    path = Path(path)
-    if (path / "trainer_state.json").is_file():
-        return path
-    root = path / "checkpoints"
-    ckpt = latest_checkpoint(root)
-    if ckpt is None:
-        raise ConfigError(f"--checkpoint: {path} is neither a checkpoint (no trainer_state.json) nor a run dir "
-                          f"with checkpoints")
-    if which == "best":
-        best = read_state(ckpt).get("best_ckpt")
-        if best and (root / best / "trainer_state.json").is_file():
-            return root / best
-    return ckpt
 
 
 def run_dir_of(ckpt: Path) -> Path:

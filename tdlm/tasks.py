@@ -167,7 +167,7 @@ class TextTask(Task):
 
     # ---------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, model, ema):
+    def evaluate(self, model, ema, step=None):
         """The objective per valid token on the validation split, float64, under the same noise every time.
 
         ``data.eval_batches`` counts *global* batches, so 1 and N processes score the same rows: each process runs

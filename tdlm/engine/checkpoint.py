@@ -167,3 +167,20 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"trainer.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
     return path
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint directory from a checkpoint path, or from a run dir (its ``best`` or ``latest`` checkpoint)."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    root = path / "checkpoints"
+    ckpt = latest_checkpoint(root)
+    if ckpt is None:
+        raise ConfigError(f"--checkpoint: {path} is neither a checkpoint (no trainer_state.json) nor a run dir "
+                          f"with checkpoints")
+    if which == "best":
+        best = read_state(ckpt).get("best_ckpt")
+        if best and (root / best / "trainer_state.json").is_file():
+            return root / best
+    return ckpt

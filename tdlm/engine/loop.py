@@ -230,7 +230,7 @@ class Engine:
             was_training = self.model.training
             self.model.eval()
             try:
-                val = self.task.evaluate(self.model, self.ema.module if self.ema is not None else None)
+                val = self.task.evaluate(self.model, self.ema.module if self.ema is not None else None, step)
             finally:
                 self.model.train(was_training)
             self.metrics.update(step, val=val)

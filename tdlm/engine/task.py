@@ -101,8 +101,9 @@ class Task:
         """Every metric the domain logs (wandb summaries)."""
         return []
 
-    def evaluate(self, model: nn.Module, ema: nn.Module | None) -> Any:
-        """Collective. The metric source ``val`` on evaluation steps (every process gets its share or the total)."""
+    def evaluate(self, model: nn.Module, ema: nn.Module | None, step: int | None = None) -> Any:
+        """Collective. The metric source ``val`` on evaluation steps (every process gets its share or the total);
+        ``step``, the optimizer step, lets a task run slower evaluations on a cadence of its own."""
         raise NotImplementedError
 
     def summary(self, best_val: float) -> dict:

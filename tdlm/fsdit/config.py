@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from tdlm.engine.config import (ConfigError, MetricsSection, OptimSection, RunPaths, TrainerSection, WandbSection,
-                                build_config, check_values, load, validate_shared)
+                                build_config, check_cadences, check_values, load, validate_shared)
 
 
 @dataclass
@@ -97,12 +97,32 @@ class SampleSection:
 
 
 @dataclass
+class EvalSection:
+    """The in-training few-shot FID (``tdlm.fsdit.fewshot``): the EMA model samples with the ``sample`` section's
+    method, steps, cfg_scale and seed, from one fixed support set per validation class, and the result is
+    compared with the other images of those classes (never the supports). Logged as val/fid and val/kid."""
+
+    fid_every_n_steps: int = 0
+    """0 = off; else a multiple of trainer.eval_every_n_steps (it runs inside the evaluation), and at the end."""
+    fid_num_samples: int = 600
+    """Generated images, spread evenly over the validation classes (rounded up to a multiple of their number)."""
+    fid_extractor: Literal["inception", "siglip", "randconv"] = "inception"
+    """inception: an FID (needs eval.inception_path); siglip: a Fréchet distance in the features of the SigLIP this
+    run conditions on; randconv: a random CNN, for tests only."""
+    inception_path: str | None = None
+    """Local TorchScript Inception file (inception-2015-12-05.pt); nothing is downloaded."""
+    fid_batch_size: int = 50
+    """Images per sampling batch (eval/fsdit_sample.py uses the same by default: the same images)."""
+
+
+@dataclass
 class FSDiTRunConfig(RunPaths):
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     siglip: SiglipSection = field(default_factory=SiglipSection)
     flow: FlowSection = field(default_factory=FlowSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=lambda: TrainerSection(
         run_name="fsdit", max_steps=1000, micro_batch_size=32, save_every_n_steps=500, ema_decay=0.9999))
@@ -114,8 +134,9 @@ IMAGE_SIZE = 32  # CIFAR-100
 
 _POSITIVE = ("model.patch_size", "model.hidden_size", "model.depth", "model.num_heads", "model.mlp_ratio",
              "model.t_scale", "model.vae_scale", "data.support_size", "data.val_size", "siglip.tiny_image_size",
-             "siglip.cache_size", "siglip.batch_size", "flow.num_t_bins", "sample.steps")
-_NON_NEGATIVE = ("sample.cfg_scale", "sample.num_sets")
+             "siglip.cache_size", "siglip.batch_size", "flow.num_t_bins", "sample.steps",
+             "eval.fid_num_samples", "eval.fid_batch_size")
+_NON_NEGATIVE = ("sample.cfg_scale", "sample.num_sets", "eval.fid_every_n_steps")
 _UNIT = {"model.class_dropout": (0.0, 1.0, False)}
 
 
@@ -138,6 +159,16 @@ def validate(cfg: FSDiTRunConfig) -> FSDiTRunConfig:
     if cfg.sample.num_sets and cfg.sample.per_set < 2:
         raise ConfigError(f"sample.per_set: must be >= 2 (the diversity metrics compare samples of one support "
                           f"set), got {cfg.sample.per_set}")
+    e = cfg.eval
+    if e.fid_every_n_steps:
+        check_cadences(cfg.metrics, e.fid_every_n_steps, "eval.fid_every_n_steps")
+        if e.fid_every_n_steps % cfg.trainer.eval_every_n_steps:
+            raise ConfigError(f"eval.fid_every_n_steps: {e.fid_every_n_steps} is not a multiple of "
+                              f"trainer.eval_every_n_steps {cfg.trainer.eval_every_n_steps}; cadences must align")
+        if e.fid_extractor == "inception" and not e.inception_path:
+            raise ConfigError("eval.inception_path: not set; eval.fid_extractor=inception needs a local TorchScript "
+                              "Inception file (inception-2015-12-05.pt; nothing is downloaded), or set "
+                              "eval.fid_extractor=siglip for a Fréchet distance in SigLIP features")
     return cfg
 
 

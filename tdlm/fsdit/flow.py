@@ -185,15 +185,17 @@ def sample(
     cfg_scale: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate images (shape = (B, C, H, W)) from noise drawn with ``generator``; same generator seed, same output.
     The noise is drawn on the generator's device and moved to ``device``, so a CPU generator gives the same
-    starting noise on CPU and GPU.
+    starting noise on CPU and GPU. ``noise`` (of ``shape``) is the starting noise itself, instead of a draw (one
+    generator per sample: ``tdlm.fsdit.fewshot``).
 
     ``steps`` is the number of integration steps (Heun costs 2 network evaluations per step, Euler 1).
     Put the model (usually the EMA copy) in eval mode first, so that no condition is dropped at random.
     """
-    noise = _draw(torch.randn, shape, generator, device)
+    noise = _draw(torch.randn, shape, generator, device) if noise is None else noise.to(device)
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return guided_velocity(model, x, t, cond, cfg_scale)

@@ -13,8 +13,29 @@ import numpy as np
 import torch
 
 from tdlm.engine.config import ConfigError
-from tdlm.fsdit.data import FewShotDataset, to_unit_range
+from tdlm.fsdit.data import FewShotDataset, fingerprint, load_cifar100_all, split_classes, to_unit_range
 from tdlm.fsdit.siglip import OnlineEmbedder, SiglipEncoder, pool_support, precompute_embeddings, tiny_siglip_config
+
+
+def load_data(cfg) -> tuple[np.ndarray, np.ndarray, dict[str, list[int]]]:
+    """Every image of ``data.root`` (uint8 (N, 3, 32, 32)), its labels and the class-disjoint train/val/test split."""
+    try:
+        images, labels = load_cifar100_all(cfg.data.root)
+    except FileNotFoundError:
+        raise ConfigError(f"data.root: no CIFAR-100 python dataset at '{cfg.data.root}' (expected "
+                          f"cifar-100-python/{{train,test,meta}}; `python -m tdlm.fsdit.data synthetic DIR` "
+                          f"writes a generated one)") from None
+    return images, labels, split_classes(int(labels.max()) + 1, tuple(cfg.data.class_split), cfg.data.split_seed)
+
+
+def build_embedder(cfg, images: np.ndarray, labels: np.ndarray, device, main_process_first=None) -> "SupportEmbedder":
+    """The frozen encoder of ``siglip`` and the support embedder over ``images`` (computed once and cached on disk;
+    ``main_process_first``: the accelerator's context, so that one process encodes and the others read its file)."""
+    from contextlib import nullcontext
+
+    encoder = build_encoder(cfg.siglip).to(device)
+    with (main_process_first or nullcontext)():
+        return SupportEmbedder(encoder, images, fingerprint(images, labels), cfg.siglip, device)
 
 
 def build_encoder(siglip_cfg) -> SiglipEncoder:

@@ -20,10 +20,10 @@ from tdlm.engine.config import ConfigError
 from tdlm.engine.launch import run_cli
 from tdlm.engine.task import LossOutput, Task
 from tdlm.fsdit.config import IMAGE_SIZE, load_fsdit_config
-from tdlm.fsdit.data import FewShotDataset, fingerprint, load_cifar100_all, split_classes
+from tdlm.fsdit.data import FewShotDataset
 from tdlm.fsdit.flow import flow_loss, sample_t
 from tdlm.fsdit.model import FSDiT, FSDiTConfig, count_parameters
-from tdlm.fsdit.pipeline import SupportEmbedder, VaeCodec, build_encoder, fixed_set, sample_supports
+from tdlm.fsdit.pipeline import VaeCodec, build_embedder, fixed_set, load_data, sample_supports
 from tdlm.metrics.image import FlowBatch, PerfTimes, SampleRequest, ValResult
 
 
@@ -52,13 +52,7 @@ class FlowMatchingTask(Task):
     def _build_data(self):
         """Images, class-disjoint episodes, SigLIP embeddings (computed once), the VAE, and the fixed sets."""
         c, acc = self.cfg, self.accelerator
-        try:
-            images, labels = load_cifar100_all(c.data.root)
-        except FileNotFoundError:
-            raise ConfigError(f"data.root: no CIFAR-100 python dataset at '{c.data.root}' (expected "
-                              f"cifar-100-python/{{train,test,meta}}; `python -m tdlm.fsdit.data synthetic DIR` "
-                              f"writes a generated one)") from None
-        classes = split_classes(int(labels.max()) + 1, tuple(c.data.class_split), c.data.split_seed)
+        images, labels, classes = load_data(c)
         for split in ("train", "val"):
             if not classes[split]:
                 raise ConfigError(f"data.class_split: {c.data.class_split} leaves no {split} class")
@@ -69,10 +63,9 @@ class FlowMatchingTask(Task):
         except ValueError as exc:
             raise ConfigError(str(exc).removeprefix("fsdit.")) from None
         self.vae = VaeCodec(c.model.vae_path, c.model.vae_scale, self.device) if c.model.use_vae else None
-        encoder = build_encoder(c.siglip).to(self.device)
-        self.encoder_params = sum(p.numel() for p in encoder.parameters())
-        with acc.main_process_first():  # one process encodes the dataset; the others read its cache file
-            self.embedder = SupportEmbedder(encoder, images, fingerprint(images, labels), c.siglip, self.device)
+        # one process encodes the dataset; the others read its cache file
+        self.embedder = build_embedder(c, images, labels, self.device, acc.main_process_first)
+        self.encoder_params = sum(p.numel() for p in self.embedder.encoder.parameters())
         self.x_shape = tuple(self._to_model_space(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape[1:])
         if self.x_shape[-1] % c.model.patch_size:
             raise ConfigError(f"model.patch_size: {c.model.patch_size} does not divide the model-space size "
@@ -84,6 +77,28 @@ class FlowMatchingTask(Task):
         if c.sample.num_sets:
             self.sample_images, idx = sample_supports(val_set, c.sample.num_sets)
             self.sample_cond = self.embedder(idx)
+        self.fid = self._build_fid(images, labels, classes["val"]) if c.eval.fid_every_n_steps else None
+
+    def _build_fid(self, images, labels, classes):
+        """The in-training few-shot FID over the validation classes (``tdlm.fsdit.fewshot``)."""
+        from tdlm.fsdit.fewshot import FewShotFID, draw_plan, per_class_for
+        from tdlm.fsdit.fid import make_extractor
+
+        c = self.cfg
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:  # sharded parameters: no process holds a whole model
+            raise ConfigError("eval.fid_every_n_steps: the in-training FID needs whole weights, which ZeRO-3 shards; "
+                              "set it to 0 and run eval/fsdit_sample.py + eval/fid.py on the checkpoints")
+        plan = draw_plan(labels, classes, c.data.support_size, per_class_for(c.eval.fid_num_samples, len(classes)),
+                         c.sample.seed, key="data.support_size")
+        try:
+            extractor = make_extractor(c.eval.fid_extractor, c.eval.inception_path, self.device,
+                                       siglip_encoder=self.embedder.encoder, key="eval.inception_path")
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+        return FewShotFID(plan, self.embedder(torch.as_tensor(plan.supports)), images, labels, extractor,
+                          self.x_shape, c.sample, c.eval.fid_batch_size, self.device,
+                          self.vae.decode if self.vae is not None else None)
 
     def _to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device)
@@ -168,15 +183,21 @@ class FlowMatchingTask(Task):
         return IMAGE.specs()
 
     @torch.no_grad()
-    def evaluate(self, model, ema):
+    def evaluate(self, model, ema, step=None):
         """Per-episode losses of the fixed sets, this process's share (rows rank, rank + world, ...), from the
-        live model in eval mode (and the EMA on the validation set)."""
-        acc = self.accelerator
+        live model in eval mode (and the EMA on the validation set); on eval.fid_every_n_steps and at the end, the
+        few-shot FID of the model checkpoints export (the EMA one, when there is one)."""
+        acc, c = self.accelerator, self.cfg
         rows = slice(acc.process_index, None, acc.num_processes)
         val = self._fixed_losses(self.model, self.val_set, rows)
         train = self._fixed_losses(self.model, self.train_probe, rows)
         ema_loss = self._fixed_losses(ema, self.val_set, rows) if ema is not None else None
-        return ValResult(val, self.val_set.t[rows].to(self.device), train, ema_loss)
+        fid = None
+        if self.fid is not None and step is not None and (step % c.eval.fid_every_n_steps == 0
+                                                          or step == c.trainer.max_steps):
+            fid = self.fid(ema if ema is not None else self.model, acc.process_index, acc.num_processes,
+                           _gather_object if acc.num_processes > 1 else None)
+        return ValResult(val, self.val_set.t[rows].to(self.device), train, ema_loss, fid)
 
     def _fixed_losses(self, model, s, rows: slice, chunk: int = 64) -> torch.Tensor:
         x, cond, t, noise = (v[rows] for v in (s.x, s.cond, s.t, s.noise))
@@ -195,6 +216,30 @@ class FlowMatchingTask(Task):
         print(f"steps {steps} in {result['summary/training_time_hours'] * 3600:.0f} s   train/loss "
               f"{result.get('train/loss', math.nan):.4f}   val/loss {result.get('val/loss', math.nan):.4f}   "
               f"run dir {self.cfg.run_dir}" + "".join(f"\n  {m}" for m in media))
+        if self.fid is not None and "val/fid" in result:
+            self._report_fid(result)
+
+    def _report_fid(self, result):
+        """The final few-shot Fréchet distance beside a freshly initialised model's on the same plan: the number
+        has to move the right way. Named by its feature space (only Inception's is an FID)."""
+        from tdlm.fsdit.fid import metric_name
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.trainer.seed)
+            fresh = FSDiT(self.model_config).to(self.device).eval()
+        before = self.fid(fresh)
+        name, p = metric_name(before["extractor"]), self.fid.plan
+        print(f"{name}, {before['n_gen']} samples of {len(p.classes)} validation classes vs {before['n_ref']} "
+              f"held-out images (supports excluded), extractor {before['extractor']}:\n"
+              f"  freshly initialised model {before['fid']:.4g} (KID {before['kid_mean']:.4g})   final "
+              f"{'EMA ' if self.cfg.trainer.ema_decay > 0 else ''}model {result['val/fid']:.4g} "
+              f"(KID {result['val/kid']:.4g} ± {result['val/kid_std']:.2g})")
+
+
+def _gather_object(items: list) -> list:
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
 
 
 def cli(argv: list[str] | None = None, doc: str = __doc__) -> int:

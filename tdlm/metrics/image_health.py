@@ -13,6 +13,13 @@ from tdlm.metrics.image import IMAGE
 
 SAME, DIFF = "cond/same_class_cos_mean", "cond/diff_class_cos_mean"
 
+def _fid_rising(v, p, memory) -> bool:
+    """Fires while val/fid is more than ``max_rise`` (relative) above the lowest val/fid of the run so far."""
+    fid = v["val/fid"]
+    memory["best"] = min(memory.get("best", fid), fid)
+    return fid > (1 + p["max_rise"]) * memory["best"]
+
+
 FSDIT_RULES = (
     nonfinite_rule("train/loss"),
     Rule("cond_not_discriminative", "same-class and different-class support embeddings are about as similar: "
@@ -34,6 +41,10 @@ FSDIT_RULES = (
     Rule("t_mean_off", "mean training t far from 0.5 (biased t sampling)", ("diffusion/t_mean",),
          "|t_mean − target| > tolerance", lambda v, p: abs(v["diffusion/t_mean"] - p["target"]) > p["tolerance"],
          {"target": 0.5, "tolerance": 0.05}),
+    Rule("fid_rising", "the few-shot Fréchet distance rose well above its best (samples got worse: EMA or LR "
+         "trouble, overfitting to the training classes)", ("val/fid",),
+         "val/fid > (1 + max_rise) · best val/fid so far",
+         _fid_rising, {"max_rise": 0.2}, memory=True),
 )
 
 
@@ -42,7 +53,7 @@ def build_fsdit_metrics(cfg, *, cond_dim: int, pooled_range: float = 1.0, device
     """The runner of an FSDiT run: enabled tiers from ``cfg.metrics.tiers``, rules with YAML overrides."""
     ctx = {"num_t_bins": cfg.flow.num_t_bins, "cond_dim": cond_dim, "depth": cfg.model.depth,
            "num_heads": cfg.model.num_heads, "pooled_range": pooled_range, "sample_sets": cfg.sample.num_sets,
-           "grad_accum_steps": cfg.trainer.grad_accum_steps}
+           "grad_accum_steps": cfg.trainer.grad_accum_steps, "fid_every": cfg.eval.fid_every_n_steps}
     enabled = {t: getattr(cfg.metrics.tiers, t).enabled for t in TIERS}
     health = HealthMonitor(FSDIT_RULES, cfg.metrics.health, warmup_steps=cfg.optim.warmup_steps)
     return MetricRunner(IMAGE.build(enabled, ctx), tier_cadences(cfg.metrics), cfg.trainer.max_steps,

@@ -138,6 +138,18 @@ def test_validation_gap_bins_and_only_on_evaluation_steps():
     assert "val/loss_ema" not in got and float(got["val/train_val_gap"]) == -2.0
 
 
+def test_few_shot_fid_is_logged_on_fid_steps_only_and_only_when_enabled():
+    assert not I.FewShotFID.applies({"fid_every": 0}) and I.FewShotFID.applies({"fid_every": 100})
+    c = I.FewShotFID()
+    losses = (torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([1.0]))
+    assert feed(c, {"val": I.ValResult(*losses)}) == {}  # an evaluation step without FID: nothing, not NaN
+    fid = {"fid": 12.5, "kid_mean": 0.25, "kid_std": 0.125, "seconds": 3.0, "n_gen": 8}
+    got = scalars(feed(c, {"val": I.ValResult(*losses, fid=fid)}))
+    assert got == {"val/fid": 12.5, "val/kid": 0.25, "val/kid_std": 0.125, "perf/fid_time": 3.0}
+    c.reset()
+    assert c.compute() == {}
+
+
 # ------------------------------------------------------------------------------------------ research
 def test_condition_histograms_fixed_edges():
     e, y = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0, 1])
@@ -301,7 +313,7 @@ def test_media_in_jsonl_and_final_collectors_when_their_tier_is_off(tmp_path):
 # ------------------------------------------------------------------------------------------ health rules
 HEALTHY = {"train/loss": 0.3, "cond/same_class_cos_mean": 0.8, "cond/diff_class_cos_mean": 0.3, "latent/z_std": 0.5,
            "sample_diversity/pairwise_mse_mean": 0.3, "act/rms_ratio_last_first": 1.5,
-           "diffusion/cos_eps_mean": 0.6, "diffusion/t_mean": 0.49}
+           "diffusion/cos_eps_mean": 0.6, "diffusion/t_mean": 0.49, "val/fid": 10.0}
 FIRES = {  # one change each that must fire exactly the named rule
     "nonfinite_loss": {"train/loss": math.inf},
     "cond_not_discriminative": {"cond/same_class_cos_mean": 0.32},
@@ -329,6 +341,16 @@ def test_each_rule_fires(rule):
     flags, names, hits = fired({**HEALTHY, **FIRES[rule]})
     assert names == {rule} and flags[f"health/{rule}"] == 1.0
     assert hits[0][0].stop == (rule == "nonfinite_loss")
+
+
+def test_fid_rising_fires_above_its_best_by_more_than_max_rise_and_clears():
+    monitor = HealthMonitor(FSDIT_RULES, warmup_steps=100)
+    for step, fid, expect in [(100, 10.0, 0), (200, 11.9, 0), (300, 12.1, 1), (400, 8.0, 0), (500, 9.7, 1)]:
+        flags, _ = monitor.check(step, {"val/fid": fid})
+        assert flags["health/fid_rising"] == expect, (step, fid)
+    assert monitor.memory["fid_rising"] == {"best": 8.0}
+    quiet = HealthMonitor(FSDIT_RULES, {"fid_rising": {"max_rise": 0.5}})
+    assert [quiet.check(s, {"val/fid": f})[0]["health/fid_rising"] for s, f in ((1, 10.0), (2, 14.0))] == [0, 0]
 
 
 def test_rule_overrides_and_warmup():

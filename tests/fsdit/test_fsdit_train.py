@@ -20,7 +20,7 @@ from conftest import launch_two_processes
 from tdlm.engine.checkpoint import list_checkpoints, read_state
 from tdlm.engine.config import ConfigError
 from tdlm.engine.loop import Engine
-from tdlm.fsdit import flow
+from tdlm.fsdit import fewshot, flow
 from tdlm.fsdit.config import load_fsdit_config
 from tdlm.fsdit.data import make_synthetic_cifar
 from tdlm.fsdit.model import FSDiT
@@ -151,9 +151,12 @@ def test_every_seed_metric_is_logged_and_finite_with_every_tier(tmp_path, data_r
         return real_sample(*a, **kw)
     monkeypatch.setattr(FSDiT, "forward", forward)
     monkeypatch.setattr(flow, "sample", sample)
+    monkeypatch.setattr(fewshot, "sample", sample)
     on = {f"metrics.tiers.{t}.enabled": True for t in ("research", "advanced")}
-    engine, logs = run(overrides(tmp_path, data_root, **on))
-    assert calls == {"probe": 1, "sample": 3}  # step 4 only: one diagnostic forward, cfg_1 / cfg_2 / uncond
+    fid = {"eval.fid_every_n_steps": 4, "eval.fid_num_samples": 4, "eval.fid_extractor": "randconv"}
+    engine, logs = run(overrides(tmp_path, data_root, **on, **fid))
+    # step 4 only: one diagnostic forward; cfg_1 / cfg_2 / uncond grids and one batch of few-shot FID samples
+    assert calls == {"probe": 1, "sample": 4}
     contract = set(SEED_000) | set(SEED_001) | set(SEED_002)
     names = registry_names()
     assert contract <= names, sorted(contract - names)

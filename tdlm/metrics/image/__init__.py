@@ -17,13 +17,13 @@ Flow convention (``tdlm.fsdit.flow``): x_t = (1 − t)·ε + t·x, target veloci
 
 from tdlm.metrics.image.inputs import (ENCODER_PREFIXES, IMAGE, FlowBatch, GradView, PerfTimes, SampleRequest,
                                        ValResult)
-from tdlm.metrics.image.essential import (ConditionStats, FlowStats, LossByTime, Optimization, ParamNorm, Perf,
-                                          TrainLoss, Validation)
+from tdlm.metrics.image.essential import (ConditionStats, FewShotFID, FlowStats, LossByTime, Optimization,
+                                          ParamNorm, Perf, TrainLoss, Validation)
 from tdlm.metrics.image.research import (ConditionDebug, ConditionHistograms, ContextNorms, ContextScale,
                                          GradientGroups)
 from tdlm.metrics.image.advanced import ModelProbe, SampleQuality, image_grid
 
 __all__ = ["ENCODER_PREFIXES", "IMAGE", "FlowBatch", "GradView", "PerfTimes", "SampleRequest", "ValResult",
-           "ConditionStats", "FlowStats", "LossByTime", "Optimization", "ParamNorm", "Perf", "TrainLoss",
+           "ConditionStats", "FewShotFID", "FlowStats", "LossByTime", "Optimization", "ParamNorm", "Perf", "TrainLoss",
            "Validation", "ConditionDebug", "ConditionHistograms", "ContextNorms", "ContextScale", "GradientGroups",
            "ModelProbe", "SampleQuality", "image_grid"]

@@ -291,3 +291,54 @@ class Validation(common.Validation):
     def reset(self):
         super().reset()
         self._fed_ema = False
+
+
+@IMAGE.register
+class FewShotFID(Collector):
+    """On evaluation steps that are multiples of eval.fid_every_n_steps, and at the last step (only when
+    eval.fid_every_n_steps > 0): the model that checkpoints export (the EMA weights when trainer.ema_decay > 0)
+    generates eval.fid_num_samples images (rounded up to a multiple of the number of validation classes), the
+    same number per validation class, each class from one fixed support set of data.support_size images drawn
+    with sample.seed, with the sample section's method, steps and cfg_scale; the reference set is every other
+    image of those classes, the support images left out (a reference holding them rewards copying them).
+    val/fid: the Fréchet distance ‖μ_g − μ_r‖² + tr Σ_g + tr Σ_r − 2 tr (Σ_g Σ_r)^½ between Gaussians fitted
+    to the features of generated and reference images (float64), in the feature space of eval.fid_extractor:
+    only inception makes it an FID; siglip gives a Fréchet distance in SigLIP features, randconv in random-CNN
+    features (tests). Biased upwards roughly like 1/N: compare values only at the same N, classes and extractor.
+    val/kid, val/kid_std: mean and std over 100 random subsets (up to 1000 images of each set) of the unbiased
+    MMD² with the kernel (x·y/d + 1)³ (KID), which has no such bias. perf/fid_time: wall seconds of that
+    evaluation (sampling, features, distances), not part of perf/total_iter_time. The same value as
+    eval/fsdit_sample.py --classes val followed by eval/fid.py --gen on that step's checkpoint."""
+
+    tier = "essential"
+    needs = ("validation",)
+    metrics = (MetricSpec("val/fid", "1", "few-shot Fréchet distance in eval.fid_extractor's features", "min"),
+               MetricSpec("val/kid", "1", "KID (unbiased MMD², cubic kernel), mean over subsets", "min"),
+               MetricSpec("val/kid_std", "1", "std of KID over the subsets"),
+               MetricSpec("perf/fid_time", "s", "wall time of the few-shot FID evaluation"))
+
+    @classmethod
+    def applies(cls, context) -> bool:
+        return context.get("fid_every", 0) > 0
+
+    def __init__(self, **ctx):
+        super().__init__()
+        self.add_state("values", torch.full((4,), float("nan"), dtype=torch.float64), reduce=None)
+        self._fed = False
+
+    def update(self, inputs):
+        r = inputs["val"].fid
+        if r is None:
+            return
+        self.values = torch.tensor([r["fid"], r["kid_mean"], r["kid_std"], r["seconds"]],
+                                   dtype=torch.float64).to(self.values)
+        self._fed = True
+
+    def compute(self):
+        if not self._fed:
+            return {}
+        return dict(zip(("val/fid", "val/kid", "val/kid_std", "perf/fid_time"), self.values.clone()))
+
+    def reset(self):
+        super().reset()
+        self._fed = False

@@ -54,6 +54,7 @@ class ValResult:
     t: torch.Tensor  # (N,)
     train_classes_loss: torch.Tensor  # (M,) same model and protocol, training-class episodes
     ema_loss: torch.Tensor | None = None  # (N,) the EMA model on the validation episodes
+    fid: dict | None = None  # on few-shot FID steps: tdlm.fsdit.fewshot.FewShotFID's result (the same everywhere)
 
     @property
     def loss_sum(self) -> torch.Tensor:  # what the shared Validation collector adds up
