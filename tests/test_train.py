@@ -167,3 +167,14 @@ def test_compiled_training_matches_eager(tiny, tmp_path, one_thread):
     model = TdlmForMaskedOrCausalLM.from_pretrained(str(tmp_path / "runs" / "compiled" / "checkpoints" /
                                                        "step_0000004" / "model"))
     assert model.config.num_layers == 1
+
+
+def test_an_fsdp_launch_without_cuda_is_refused(tiny, monkeypatch):
+    """Without CUDA, Accelerate 1.15 turns an FSDP launch into plain DDP (measured): refuse it in one line."""
+    if torch.cuda.is_available():
+        pytest.skip("FSDP runs on GPUs")
+    from tdlm.engine.launch import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="launch: FSDP needs CUDA GPUs here"):
+        make_accelerator(load_config(None, tiny()))

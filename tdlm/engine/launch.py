@@ -32,9 +32,15 @@ def make_accelerator(cfg):
     kwargs = {}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if deepspeed and os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true"):
         raise ConfigError("launch: ACCELERATE_USE_CPU is set, so Accelerate would silently run plain DDP instead of "
                           "DeepSpeed; unset it (DeepSpeed on a CPU needs no flag)")
+    if fsdp and not torch.cuda.is_available():
+        # Measured with Accelerate 1.15: without CUDA an FSDP launch either runs plain DDP (cpu=True) or forms no
+        # process group (gloo), so it would silently not shard.
+        raise ConfigError("launch: FSDP needs CUDA GPUs here (on a CPU Accelerate would run plain DDP instead); use "
+                          "configs/accelerate/multi_cpu.yaml or deepspeed_zero2/3.yaml on CPU")
     if world > 1 and not torch.cuda.is_available():
         if deepspeed:
             # Accelerate picks no backend for DeepSpeed without CUDA and then miscounts processes; gloo fixes it.
