@@ -50,7 +50,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bench_common import emit, interleaved, machine_state, median, ratio, set_threads, spread, uncontended
 from tdlm.config import OptimSection

@@ -59,8 +59,6 @@ class NelboEstimator:
             raise ValueError(f"--t-min: the {name} estimator needs t_min > 0 (infinite variance at 0); "
                              f"exact-k works with t_min = 0")
         self.name, self.schedule, self.t_min, self.seed, self.n = name, schedule, t_min, seed, num_sequences
-        t = torch.tensor([t_min, 1.0], dtype=torch.float64)
-        self.m_lo, self.m_hi = (float(v) for v in schedule.mask_prob(t))
         self._perms: dict[int, torch.Tensor] = {}
 
     def _strata(self, pass_idx: int) -> torch.Tensor:

@@ -77,6 +77,5 @@ def reported_sum(out: StepOutputs, clip_weight: float = 0.0) -> torch.Tensor:
     """float64, detached: the batch's objective as reported (``train/loss``), with the true weight even when
     ``clip_weight`` clipped it in ``loss_sum``."""
     if clip_weight > 0 and out.weight is not None:
-        rows = out.positions // out.input_ids.shape[1]
-        return (out.weight[rows].double() * out.token_ce.detach().double()).sum()
+        return sequence_sums(out)[:, 0].detach().sum()
     return out.loss_sum.detach().double()

@@ -45,9 +45,9 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     caching host allocator keeps the pinned block until the copy is done)."""
     if x.device == device:
         return x
-    if x.device.type == "cuda" or device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def load_exported(path: Path) -> TdlmForMaskedOrCausalLM:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import (CAUSAL_FAMILIES, MASKED_FAMILIES, corpus, remote_model_dir, run_overrides,
+from hf_models import (CAUSAL_FAMILIES, MASKED_FAMILIES, remote_model_dir, run_overrides,
                        tiny_model_dir, word_tokenizer)
 
 from tdlm.config import ConfigError, load_config

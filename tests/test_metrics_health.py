@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from tdlm.config import ConfigError, load_config
 from tdlm.metrics.health import HealthMonitor

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_diffusion import TinyDenoiser
 from test_likelihood import Wrapped
 
 from tdlm.config import ConfigError, load_config

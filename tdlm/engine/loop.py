@@ -34,6 +34,14 @@ from tdlm.metrics.core import GradView, StepInfo
 from tdlm.metrics.sinks import run_sinks
 
 
+def device_time(device) -> float:
+    """Host time after ``device`` finished its queued work, so a timer measures the work, not its launch (CUDA is
+    asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class Engine:
     def __init__(self, cfg, make_task):
         """``make_task(cfg, accelerator)`` builds the task (its model and data) once the launch has checked out."""
@@ -198,10 +206,8 @@ class Engine:
         self.metrics.update(step, step=info, **task.step_sources(info, sample_from))
 
     def _clock(self) -> float:
-        """Host time; after the device's queued work when the task times phases (CUDA is asynchronous)."""
-        if self.task.synchronized_timing and self.accelerator.device.type == "cuda":
-            torch.cuda.synchronize(self.accelerator.device)
-        return time.perf_counter()
+        """Host time; after the device's queued work when the task times phases."""
+        return device_time(self.accelerator.device) if self.task.synchronized_timing else time.perf_counter()
 
     def _next_batches(self, n: int) -> list:
         """``n`` micro-batches, continuing the epoch at the saved cursor; a new epoch reshuffles (set_epoch)."""

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
 from tdlm.engine.config import ConfigError
 from tdlm.engine.launch import run_cli
+from tdlm.engine.loop import device_time
 from tdlm.engine.task import LossOutput, Task
 from tdlm.fsdit.config import IMAGE_SIZE, load_fsdit_config
 from tdlm.fsdit.data import FewShotDataset
@@ -104,11 +104,6 @@ class FlowMatchingTask(Task):
         images = images.to(self.device)
         return self.vae.encode(images) if self.vae is not None else images
 
-    def _clock(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
     def layout(self) -> dict:
         return {"data.support_size": self.cfg.data.support_size}
 
@@ -139,11 +134,11 @@ class FlowMatchingTask(Task):
 
     def loss(self, model, batch, noise):
         target, support_idx, labels = batch
-        t0 = self._clock()
+        t0 = device_time(self.device)
         cond = self.embedder(support_idx)  # (B, D)
-        t1 = self._clock()
+        t1 = device_time(self.device)
         x = self._to_model_space(target)  # (B, C, H, W)
-        t2 = self._clock()
+        t2 = device_time(self.device)
         self._phase_seconds[0] += t1 - t0
         self._phase_seconds[1] += t2 - t1
         t, eps, drop = (v.to(self.device) for v in noise)
