@@ -239,20 +239,35 @@ class TdlmForMaskedOrCausalLM(PreTrainedModel):
         self.lm_head = value
 
     def hidden_states(self, input_ids, attention_mask=None, return_attention: bool = False,
-                      return_all_hidden: bool = False):
-        """Final normed hidden states (B, L, D), plus per-layer attention probs / hidden states on request."""
+                      return_all_hidden: bool = False, position_ids=None):
+        """Final normed hidden states (B, L, D), plus per-layer attention probs / hidden states on request.
+
+        ``attention_mask``: (B, L) valid keys (padding), or a boolean pair mask (B, L, L) / (B, 1, L, L) whose
+        [q, k] entry says query q may attend key k (document-masked packing, block diffusion); a causal model
+        ANDs either with the causal mask. ``position_ids`` (B, L) or (L,): RoPE positions (default 0..L-1), so
+        packed documents can restart at 0 and a block-diffusion pass over [noisy; clean] can repeat them.
+        """
         B, L = input_ids.shape
-        if L > self.config.max_seq_len:
+        if position_ids is None and L > self.config.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds model max_seq_len {self.config.max_seq_len}")
         mask = None
         if attention_mask is not None:
-            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys only
+            mask = attention_mask.bool()
+            mask = mask[:, None, None, :] if mask.dim() == 2 else mask if mask.dim() == 4 else mask[:, None]
             if self.config.causal:
                 mask = mask & torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
         if self._rope is None or self._rope[0].device != input_ids.device:
             c = self.config
             self._rope = rope_tables(c.max_seq_len, c.hidden_size // c.num_heads, c.rope_theta, input_ids.device)
-        cos, sin = self._rope[0][:L], self._rope[1][:L]
+        if position_ids is None:
+            cos, sin = self._rope[0][:L], self._rope[1][:L]
+        else:
+            if int(position_ids.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(position_ids.max())} exceeds model max_seq_len "
+                                 f"{self.config.max_seq_len}")
+            cos, sin = self._rope[0][position_ids], self._rope[1][position_ids]  # (L, hd/2) or (B, L, hd/2)
+            if cos.dim() == 3:
+                cos, sin = cos[:, None], sin[:, None]  # broadcast over heads: (B, 1, L, hd/2)
         x = self.embed(input_ids)
         probs, hiddens = [], []
         for block in self.blocks:
@@ -269,7 +284,7 @@ class TdlmForMaskedOrCausalLM(PreTrainedModel):
         return out
 
     def forward(self, input_ids, attention_mask=None, logits_mask=None, return_attention: bool = False,
-                return_all_hidden: bool = False, logits_index=None):
+                return_all_hidden: bool = False, logits_index=None, position_ids=None):
         """Logits (B, L, V); with ``logits_mask`` (B, L) bool, logits of the selected positions only, (M, V);
         with ``logits_index`` (M,) int64, of the positions ``b * L + i`` it lists, in its order (no host sync:
         a boolean mask's count must be read back from the device, an index's length is known).
@@ -277,7 +292,7 @@ class TdlmForMaskedOrCausalLM(PreTrainedModel):
         The diffusion loss needs logits only at masked positions, so projecting just those onto the vocabulary
         saves about half the output-layer work. With a ``return_*`` flag a dict is returned instead.
         """
-        out = self.hidden_states(input_ids, attention_mask, return_attention, return_all_hidden)
+        out = self.hidden_states(input_ids, attention_mask, return_attention, return_all_hidden, position_ids)
         h = out["hidden"]
         if logits_index is not None:
             h = h.reshape(-1, h.shape[-1]).index_select(0, logits_index)

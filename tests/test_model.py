@@ -148,3 +148,27 @@ def test_training_step_reads_nothing_back_from_the_device():
     (out.loss_sum / out.num_tokens).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     assert model.embed.weight.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_pair_mask_and_position_ids_run_packed_documents_as_if_alone(causal):
+    """Two documents packed in one row with a block-diagonal pair mask and positions restarting at 0 give
+    each document's logits run alone (the interface document-masked packing and block diffusion use)."""
+    torch.manual_seed(0)
+    cfg = TdlmConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=16, causal=causal)
+    model = TdlmForMaskedOrCausalLM(cfg).eval()
+    a, b = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 7))
+    packed = torch.cat([a, b], 1)
+    doc = torch.tensor([0] * 5 + [1] * 7)
+    pair = (doc[:, None] == doc[None, :])[None]              # (1, 12, 12)
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with torch.no_grad():
+        got = model(packed, pair, position_ids=pos)
+        want = torch.cat([model(a), model(b)], 1)
+        # a (B, L) padding mask and its pair-mask form agree; default positions are 0..L-1
+        pad = torch.tensor([[True] * 10 + [False] * 2])
+        assert torch.allclose(model(packed, pad), model(packed, pad[:, None, :].expand(1, 12, 12),
+                                                        position_ids=torch.arange(12)), atol=1e-6)
+    assert (got - want).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(packed, position_ids=torch.arange(12) + 10)
