@@ -67,8 +67,8 @@ class DataSection:
     """True: documents joined with BOS/EOS and cut into full blocks. False: one document per row, right-padded."""
     val_fraction: float = 0.05
     eval_batches: int = 0
-    """Validation batches scored at each evaluation (global, so any number of processes scores the same rows);
-    0 = the whole validation split."""
+    """Validation batches scored at each evaluation, each the size of one global batch (micro-batch x accumulation
+    x processes), so any split of the same global batch scores the same rows; 0 = the whole validation split."""
     max_documents: int = 0
     """0 = all documents."""
     num_proc: int = 1

@@ -170,13 +170,14 @@ class TextTask(Task):
     def evaluate(self, model, ema, step=None):
         """The objective per valid token on the validation split, float64, under the same noise every time.
 
-        ``data.eval_batches`` counts *global* batches, so 1 and N processes score the same rows: each process runs
-        its share (rounded up) and rows past the limit are dropped after the gather."""
+        ``data.eval_batches`` counts *global* batches (the rows of one optimizer step: micro-batch x accumulation x
+        processes), so any split of the same global batch scores the same rows: each process runs its share
+        (rounded up) and rows past the limit are dropped after the gather."""
         acc, B = self.accelerator, self.cfg.trainer.micro_batch_size
         model = ema if ema is not None else model
         max_batches = self.cfg.data.eval_batches or None
-        limit = max_batches * B if max_batches else None
-        per_process = math.ceil(max_batches / acc.num_processes) if max_batches else None
+        limit = max_batches * B * self.cfg.trainer.grad_accum_steps * acc.num_processes if max_batches else None
+        per_process = math.ceil(limit / (B * acc.num_processes)) if max_batches else None
         total = torch.zeros(2, dtype=torch.float64, device=acc.device)
         # validation scores the denoiser evaluation loads: full attention, also while training anneals it
         pattern = getattr(self.model, "anneal_pattern", None)

@@ -300,8 +300,12 @@ def test_lora_trains_only_adapters_and_exports_merged(models, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- 2 processes
+# DDP: 2 processes x 4 rows; ZeRO-2 (optimizer state and gradients sharded): 2 x 2 rows x 2 accumulation steps;
+# the reference: 1 process x 4 rows x 2 accumulation steps. The same 8 rows make every optimizer step.
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_on_an_hf_backbone(models, tmp_path):
+@pytest.mark.parametrize("launch_config,micro_batch,accum", [("multi_cpu.yaml", 4, 1),
+                                                             ("deepspeed_zero2.yaml", 2, 2)])
+def test_two_processes_equal_one_process_on_an_hf_backbone(models, tmp_path, launch_config, micro_batch, accum):
     from conftest import launch_two_processes
 
     root = Path(__file__).resolve().parent.parent
@@ -314,8 +318,9 @@ def test_two_process_ddp_equals_one_process_on_an_hf_backbone(models, tmp_path):
     engine = text_engine(ref)
     engine.fit()
     engine.close()
-    args = run_overrides(tmp_path, d, **common, **{"trainer.micro_batch_size": 4, "trainer.run_name": "ddp"})
-    launch_two_processes(root / "tdlm" / "train.py", [config, *args])
+    args = run_overrides(tmp_path, d, **common, **{"trainer.micro_batch_size": micro_batch,
+                                                   "trainer.grad_accum_steps": accum, "trainer.run_name": "ddp"})
+    launch_two_processes(root / "tdlm" / "train.py", [config, *args], launch_config)
 
     def records(rd):
         out = {}
