@@ -334,3 +334,58 @@ def test_two_processes_equal_one_process_on_an_hf_backbone(models, tmp_path, lau
     assert len(a) == 4 + 4 + 2 and a.keys() == b.keys()
     for key, value in a.items():
         assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+# ---------------------------------------------------------------------------------------------------- eval scripts
+@pytest.mark.slow
+def test_every_eval_script_runs_on_hf_checkpoints(models, tmp_path, capsys):
+    """perplexity, generate, gen_ppl, compare and review on an adapted Llama denoiser and the same Llama kept
+    causal, with numbers checked against the runs' own validation: the exported checkpoints are what they load."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
+    import compare
+    import gen_ppl
+    import generate
+    import perplexity
+    import review
+
+    d = tiny_model_dir(models, "llama")
+    runs = {}
+    for name, extra in (("diff", {}), ("ar", {"model.causal": True})):
+        cfg = load_config(None, run_overrides(tmp_path, d, **{"trainer.run_name": name, "trainer.max_steps": 10,
+                                                              "trainer.eval_every_n_steps": 10,
+                                                              "data.eval_batches": 0, **extra}))
+        engine = text_engine(cfg)
+        runs[name] = (cfg.run_dir, engine.fit())
+        engine.close()
+
+    def last_json(argv, script):
+        capsys.readouterr()
+        assert script.main(argv) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    # the AR checkpoint's exact perplexity is its logged validation loss; the denoiser's is a bound above it
+    ar = last_json(["--checkpoint", str(runs["ar"][0]), "--json"], perplexity)
+    assert ar["nelbo_per_token"] == pytest.approx(runs["ar"][1]["val/loss"], rel=1e-6)
+    diff = last_json(["--checkpoint", str(runs["diff"][0]), "--json", "--mc-passes", "2"], perplexity)
+    assert math.isfinite(diff["nelbo_per_token"]) and diff["nelbo_per_token"] > 0
+    samples = tmp_path / "samples.jsonl"
+    gen = last_json(["--checkpoint", str(runs["diff"][0]), "--num-samples", "3", "--steps", "4", "--seq-len", "12",
+                     "--out", str(samples), "--json"], generate)
+    rows = [json.loads(x) for x in samples.read_text().splitlines()]
+    _, tok = backbone(d)
+    assert gen["network_calls"] == 4 and len(rows) == 3
+    assert all(len(r["ids"]) == 12 and tok.mask_token_id not in r["ids"] for r in rows)
+    scored = last_json(["--samples", str(samples), "--scorer", str(runs["ar"][0]), "--json"], gen_ppl)
+    assert scored["gen_ppl"] > 1 and scored["scored_tokens"] > 0
+    out = tmp_path / "cmp"
+    assert compare.main(["--diffusion", str(runs["diff"][0]), "--ar", str(runs["ar"][0]), "--out", str(out),
+                         "--scorer", str(runs["ar"][0]), "--num-samples", "2", "--steps", "4",
+                         "--mc-passes", "2", "--which", "latest"]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert [r["perplexity"]["kind"] for r in report["runs"]] == ["bound", "exact"]
+    assert report["runs"][1]["perplexity"]["nelbo_per_token"] == pytest.approx(ar["nelbo_per_token"], rel=1e-9)
+    assert review.main(["--runs", str(runs["diff"][0]), str(runs["ar"][0]), "--out", str(tmp_path / "rev")]) == 0
+    names = [r["name"] for r in json.loads((tmp_path / "rev" / "report.json").read_text())["runs"]]
+    assert names == ["diff", "ar"]
