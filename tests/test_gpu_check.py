@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "eval"))
 
 import gpu_check  # noqa: E402
 
-PARTS = ["install", "env", "train", "train_compiled", "sampling", "convergence"]
+PARTS = ["install", "env", "train", "train_compiled", "sampling", "convergence", "fsdp"]
 
 
 def test_gpu_parts_and_limits_fit_the_window(tmp_path):
@@ -26,7 +26,7 @@ def test_gpu_parts_and_limits_fit_the_window(tmp_path):
     assert sum(s["limit"] for s in specs) <= gpu_check.TOTAL_BUDGET_S == 480
     train = dict((s["name"], s) for s in specs)["train"]["cmd"]
     assert train[train.index("--preset") + 1] == "gpu-125m" and "--ar" in train and "--find-max-batch" in train
-    conv = specs[-1]
+    conv = specs[-2]
     assert conv["term_after"] < conv["limit"]  # the SIGTERM stop leaves time to save and exit
     assert "model.hidden_size=768" in conv["cmd"] and "wandb.enabled=false" in conv["cmd"]
 
@@ -65,16 +65,19 @@ def test_dry_run_runs_every_part_and_writes_real_figures(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and list(summary["parts"]) == PARTS
-    assert {k: v["status"] for k, v in summary["parts"].items()} == dict.fromkeys(PARTS, "ok")
+    # FSDP needs CUDA: the dry run skips that part, saying why (test_fsdp_part_steps_on_cpu runs its steps)
+    assert {k: v["status"] for k, v in summary["parts"].items()} == {**dict.fromkeys(PARTS, "ok"), "fsdp": "skipped"}
+    assert "FSDP needs CUDA" in summary["parts"]["fsdp"]["why"]
+    ran = [p for p in PARTS if p != "fsdp"]
     assert summary["total_s"] <= wall
-    part = {p: json.loads((out / f"{p}.json").read_text()) for p in PARTS}
-    assert all(part[p]["part"] == p and part[p]["seconds"] <= part[p]["limit_s"] for p in PARTS)
+    part = {p: json.loads((out / f"{p}.json").read_text()) for p in ran}
+    assert all(part[p]["part"] == p and part[p]["seconds"] <= part[p]["limit_s"] for p in ran)
 
     assert "Would install tdlm" in part["install"]["result"]["pip_output"]
     assert part["env"]["result"]["torch"] and part["env"]["result"]["cuda_available"] is False
 
     train = part["train"]["result"]
-    assert set(train["arms"]) == {"tdlm", "tdlm_ar", "bert"}
+    assert set(train["arms"]) == {"tdlm", "tdlm_ar", "bert", "hf_llama"}
     for arm in train["arms"].values():
         assert finite_positive(arm["tokens_per_s"]) and finite_positive(arm["mfu_model_flops"])
     assert train["arms"]["tdlm_ar"]["params_matmul"] == train["arms"]["tdlm"]["params_matmul"]  # same backbone
@@ -98,6 +101,16 @@ def test_dry_run_runs_every_part_and_writes_real_figures(tmp_path):
     assert 1 < conv["bound_after_last_eval"]["bound"] < 1e5 and finite_positive(conv["tokens_per_s_median"])
 
     fig = summary["figures"]
-    assert set(fig["arms"]) == {"tdlm", "tdlm_ar", "bert", "tdlm_compiled"} and "llama" in fig["arms_not_run"]
+    assert set(fig["arms"]) == {"tdlm", "tdlm_ar", "bert", "hf_llama", "tdlm_compiled"}
     assert fig["arms"]["tdlm"]["tokens_per_s"] == train["arms"]["tdlm"]["tokens_per_s"]
     assert "| `tdlm_compiled` |" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_fsdp_part_steps_on_cpu(tmp_path):
+    """The fsdp part's steps (train 20, resume to 30, reload the export) with a 1-process CPU launch in place of
+    FSDP, which needs CUDA: what the GPU run adds is the sharding alone."""
+    res = gpu_check.fsdp_run(tmp_path, "single_cpu.yaml", 1, "no", dict(hidden=32, layers=2, heads=2, positions=64))
+    assert sorted(res["val_loss"]) == [10, 20, 30] and res["resumed_to"] == 30
+    assert res["val_loss"][30] < res["val_loss"][10] and res["export"] == "step_0000030"
+    assert res["export_logits_finite"] and res["export_parameters"] > 0
