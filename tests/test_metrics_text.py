@@ -57,6 +57,17 @@ def test_essential_collectors_known_values():
     assert feed(T.TrainLoss(), out)["train/loss"] == pytest.approx(float(out.loss_sum) / 11)
 
 
+def test_importance_rows_weigh_mask_accuracy_and_t_mean_by_p_over_q():
+    """An importance-sampled row counts with p(t)/q(t): rows correct 1/1, 1/2, 1/3 with ratios 2, 1, 0.5 give
+    accuracy (2 + 1 + 0.5) / (2 + 2 + 1.5); the masked-token count stays the plain count."""
+    out, _ = hand_batch()
+    out.t_ratio = torch.tensor([2.0, 1.0, 0.5])
+    got = feed(T.MaskAccuracy(), out)
+    assert got["metrics/mask_accuracy"] == pytest.approx(3.5 / 5.5)
+    assert got["metrics/total_masked_tokens"] == 6.0
+    assert feed(T.DiffusionTime(), out)["diffusion/t_mean"] == pytest.approx((0.4 + 0.5 + 0.45) / 3.5)
+
+
 def test_estimator_spread_is_the_std_of_the_rows_nelbo_per_token():
     out, w_tok = hand_batch()
     per_row = torch.zeros(3, dtype=torch.float64).index_add_(
@@ -220,9 +231,10 @@ def test_trainer_logs_every_metric_and_runs_expensive_inputs_only_when_due(tiny,
         calls["grads"].append(len(losses))
         return real_grads(losses, params)
 
-    def counting_hidden(self, ids, attention_mask=None, return_attention=False, return_all_hidden=False):
+    def counting_hidden(self, ids, attention_mask=None, return_attention=False, return_all_hidden=False,
+                        position_ids=None):
         calls["probe"] += bool(return_attention)
-        return real_hidden(self, ids, attention_mask, return_attention, return_all_hidden)
+        return real_hidden(self, ids, attention_mask, return_attention, return_all_hidden, position_ids)
     monkeypatch.setattr(T, "loss_grad_vectors", counting_grads)
     monkeypatch.setattr(TdlmForMaskedOrCausalLM, "hidden_states", counting_hidden)
 

@@ -132,7 +132,11 @@ class MaskAccuracy(Collector):
     """Over the window: the fraction of masked tokens whose argmax prediction is the clean token; masked tokens
     per optimizer step (global batch, window mean); valid (non-pad) positions / all positions. The metric design's
     "valid to total masked" would be identically 1 here (masking never selects a pad), so ``valid_ratio`` is
-    the padding share the metric design's reading ("low values indicate padding issues") describes."""
+    the padding share the metric design's reading ("low values indicate padding issues") describes.
+
+    The accuracy is the one the NELBO's t ~ U[t_min, 1] sees, whatever ``diffusion.estimator`` draws: a token of
+    an importance-sampled row counts with weight p(t)/q(t) (self-normalised). Unweighted, the proposal's extra
+    small-t rows (most of the context clean, easier tokens) would raise it with no change in the model."""
 
     tier = "essential"
     needs = ("logits", "mask")
@@ -142,7 +146,7 @@ class MaskAccuracy(Collector):
 
     def __init__(self, **ctx):
         super().__init__()
-        for name in ("correct", "masked", "valid", "positions"):
+        for name in ("correct", "weighted_masked", "masked", "valid", "positions"):
             self.add_state(name, _zeros())
         self.add_state("steps", _zeros(), reduce=None)
         self._last_step = None
@@ -150,7 +154,13 @@ class MaskAccuracy(Collector):
     def update(self, inputs):
         out = inputs["batch"]
         correct, _ = _predictions(inputs)
-        self.correct += correct.sum()
+        if out.t_ratio is None:
+            self.correct += correct.sum()
+            self.weighted_masked += correct.numel()
+        else:  # p(t)/q(t) of each masked token's row
+            ratio = out.t_ratio.double()[_token_rows(inputs)]
+            self.correct += (correct * ratio).sum()
+            self.weighted_masked += ratio.sum()
         self.masked += correct.numel()
         self.valid += out.valid.sum()
         self.positions += out.valid.numel()
@@ -159,7 +169,7 @@ class MaskAccuracy(Collector):
             self._last_step = inputs.step
 
     def compute(self):
-        return {"metrics/mask_accuracy": Fm.ratio(self.correct, self.masked),
+        return {"metrics/mask_accuracy": Fm.ratio(self.correct, self.weighted_masked),
                 "metrics/total_masked_tokens": Fm.ratio(self.masked, self.steps),
                 "metrics/valid_ratio": Fm.ratio(self.valid, self.positions)}
 
