@@ -55,6 +55,7 @@ from bench_common import emit, interleaved, machine_state, median, ratio, set_th
 from tdlm.config import OptimSection
 from tdlm.diffusion import apply_noise, make_schedule, sample_t
 from tdlm.engine.optim import build_optimizer
+from tdlm.flops import matmul_params, training_flops_per_token
 from tdlm.model import TdlmConfig, TdlmForMaskedOrCausalLM, linear, onednn_mm
 from tdlm.noise import TrainingNoise
 from tdlm.tasks import AutoregressiveTask, MaskedDiffusionTask  # the training loss path (its ``outputs``)
@@ -176,20 +177,10 @@ def bert_loss(model, batch):
 # FLOPs and peak
 
 
-def matmul_params(model: nn.Module) -> int:
-    """Parameters used in matrix products: every Linear weight once (a tied head is the embedding, counted once)."""
-    seen = {}
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            seen[id(m.weight)] = m.weight.numel()
-    return sum(seen.values())
-
-
 def step_flops(n_matmul: int, a, masked_frac: float, head_everywhere: bool) -> tuple[float, float]:
     """(model FLOPs, executed FLOPs) of one step: 6 N tokens + attention; head at masked positions if not everywhere."""
     tokens = a.batch * a.seq_len
-    attn = 12 * a.layers * a.seq_len * a.hidden * tokens
-    model = 6 * n_matmul * tokens + attn
+    model = training_flops_per_token(n_matmul, a.layers, a.seq_len, a.hidden) * tokens
     head = 6 * a.vocab * a.hidden * tokens
     executed = model if head_everywhere else model - head * (1 - masked_frac)
     return model, executed

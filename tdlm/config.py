@@ -66,6 +66,10 @@ class DataSection:
     packing: bool = True
     """True: documents joined with BOS/EOS and cut into full blocks. False: one document per row, right-padded."""
     val_fraction: float = 0.05
+    unique_tokens: int = 0
+    """> 0: train on the first training rows that hold this many valid tokens (whole rows, so up to one row more;
+    ``summary/unique_tokens`` logs the count used): the data-constrained setting, epochs of a fixed unique budget
+    (docs/experiments/data_constrained.md). 0 = the whole training split."""
     eval_batches: int = 0
     """Validation batches scored at each evaluation, each the size of one global batch (micro-batch x accumulation
     x processes), so any split of the same global batch scores the same rows; 0 = the whole validation split."""
@@ -128,6 +132,7 @@ _POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.
              "data.vocab_size", "data.num_proc", "data.markov_order", "data.markov_symbols", "data.markov_tokens",
              "sample.steps")
 _NON_NEGATIVE = ("model.vocab_size", "model.intermediate_size", "data.max_documents", "data.eval_batches",
+                 "data.unique_tokens",
                  "diffusion.clip_weight", "sample.at_end")
 _UNIT = {"model.dropout": (0.0, 1.0, False)}
 

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tdlm.config import ConfigError, load_config
@@ -22,6 +23,7 @@ from tdlm.diffusion import make_schedule
 from tdlm.engine.launch import run_cli
 from tdlm.engine.randomness import keyed_generator
 from tdlm.engine.task import LossOutput, Task
+from tdlm.flops import matmul_params, training_flops_per_token
 from tdlm.model import TdlmForMaskedOrCausalLM, build_model
 from tdlm.noise import TrainingNoise
 from tdlm.objective import (StepOutputs, autoregressive_outputs, masked_diffusion_outputs, reported_sum,
@@ -88,8 +90,24 @@ class TextTask(Task):
                                   f"{len(tok)}")
             self.model = build_model(cfg.model, len(tok), self.mask_id, self.pad_id, cfg.diffusion)
         self.train_set, self.collate_fn = self.data.train, Collator(self.pad_id)
+        self.unique_tokens = self._limit_unique_tokens(cfg.data.unique_tokens)
         self.units_per_row = cfg.data.seq_len
+        hidden = self.model.get_input_embeddings().embedding_dim
+        self.flops_per_unit = training_flops_per_token(matmul_params(self.model), self.model.config.num_layers,
+                                                       cfg.data.seq_len, hidden)
         self.val_noise: tuple[torch.Tensor, ...] = ()
+
+    def _limit_unique_tokens(self, budget: int) -> int:
+        """Keep the first training rows that hold ``budget`` valid tokens (0: all); the valid tokens kept."""
+        rows = self.train_set.with_format("numpy", columns=["input_ids"]).iter(batch_size=8192)
+        valid = np.cumsum(np.concatenate([(b["input_ids"] != self.pad_id).sum(1) for b in rows]))
+        if not budget:
+            return int(valid[-1])
+        if budget > valid[-1]:
+            raise ConfigError(f"data.unique_tokens: {budget:,} exceeds the training split's {int(valid[-1]):,} tokens")
+        rows = int(np.searchsorted(valid, budget)) + 1
+        self.train_set = self.train_set.select(range(rows))
+        return int(valid[rows - 1])
 
     def prepare(self, accelerator):
         val_dl = torch.utils.data.DataLoader(self.data.validation, batch_size=self.cfg.trainer.micro_batch_size,
@@ -198,7 +216,8 @@ class TextTask(Task):
         return ValidationSums(total[0], total[1])
 
     def summary(self, best_val):
-        return {"summary/best_val_perplexity": math.exp(best_val) if math.isfinite(best_val) else None}
+        return {"summary/best_val_perplexity": math.exp(best_val) if math.isfinite(best_val) else None,
+                "summary/unique_tokens": self.unique_tokens}
 
     def report(self, result, inference_model):
         c = self.cfg

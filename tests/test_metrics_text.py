@@ -273,7 +273,8 @@ def test_runner_built_from_config_respects_tiers(tiny):
     runner = build_text_metrics(cfg, mask_id=MASK)
     assert isinstance(runner, MetricRunner)
     assert {type(c).__name__ for c in runner.collectors} == {
-        "TrainLoss", "Optimization", "ParamNorm", "Validation", "DiffusionTime", "MaskAccuracy", "CorruptionBuckets",
+        "TrainLoss", "Optimization", "TrainingCompute", "ParamNorm", "Validation", "DiffusionTime", "MaskAccuracy",
+        "CorruptionBuckets",
         "WeightDifficulty", "EstimatorSpread", "BucketGradNorms"}
     essential_off = load_config(None, tiny(**{"metrics.tiers.essential.enabled": False}))
     # the loss (the NaN stop reads it) and validation (the best checkpoint is chosen by it) run whatever the tiers

@@ -51,7 +51,12 @@ class TrainerSection:
     output_dir: str = "runs"
     run_name: str = "tdlm"
     seed: int = 0
-    max_steps: int = 500
+    max_steps: int | None = 500
+    """Optimizer steps; null to train for ``max_epochs`` instead (setting both is refused)."""
+    max_epochs: float = 0.0
+    """> 0: train for this many passes over the training split (max_steps must be null): steps = round(epochs x
+    micro-batches per process per epoch / grad_accum_steps), and the validation loss is also taken at every epoch
+    end. The resolved max_steps is what config.yaml records."""
     micro_batch_size: int = 16
     """Rows (sequences, episodes) per process per micro-step."""
     grad_accum_steps: int = 1
@@ -125,11 +130,11 @@ class RunPaths:
         return Path(self.trainer.output_dir) / self.trainer.run_name
 
 
-_SHARED_POSITIVE = ("trainer.max_steps", "trainer.micro_batch_size", "trainer.grad_accum_steps",
+_SHARED_POSITIVE = ("trainer.micro_batch_size", "trainer.grad_accum_steps",
                     "trainer.eval_every_n_steps", "trainer.save_every_n_steps", "trainer.keep_last", "optim.eps",
                     "metrics.logging_steps", "metrics.detailed_metrics_steps", "metrics.attention_analysis_steps")
 _SHARED_NON_NEGATIVE = ("optim.lr", "optim.weight_decay", "optim.warmup_steps", "optim.grad_clip",
-                        "trainer.num_workers", "trainer.min_free_disk_mb")
+                        "trainer.num_workers", "trainer.min_free_disk_mb", "trainer.max_epochs")
 _SHARED_UNIT = {"optim.beta1": (0.0, 1.0, False), "optim.beta2": (0.0, 1.0, False),
                 "optim.min_lr_ratio": (0.0, 1.0, True), "trainer.ema_decay": (0.0, 1.0, False)}
 
@@ -227,6 +232,14 @@ def validate_shared(cfg: Any) -> None:
     """Ranges of the shared sections (trainer, optim, metrics, wandb) and the aligned metric cadences."""
     check_values(cfg, {"wandb.mode": ("auto", "online", "offline", "disabled")}, _SHARED_POSITIVE,
                  _SHARED_NON_NEGATIVE, _SHARED_UNIT)
+    t = cfg.trainer
+    if t.max_epochs and t.max_steps is not None:
+        raise ConfigError(f"trainer.max_epochs: {t.max_epochs:g} set together with trainer.max_steps={t.max_steps}; "
+                          f"give one (trainer.max_steps=null to train by epochs)")
+    if t.max_steps is None and not t.max_epochs:
+        raise ConfigError("trainer.max_steps: null needs trainer.max_epochs > 0")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps: must be > 0, got {t.max_steps}")
     check_cadences(cfg.metrics, cfg.trainer.eval_every_n_steps)
 
 

@@ -66,7 +66,6 @@ class Engine:
         stateful ones registered for checkpointing in a fixed order (a resume loads them by position)."""
         acc, t, task = self.accelerator, self.cfg.trainer, self.task
         optimizer = build_optimizer(task.model, self.cfg.optim, task.no_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.optim, t.max_steps))
         train_dl = torch.utils.data.DataLoader(
             task.train_set, batch_size=t.micro_batch_size, shuffle=True, drop_last=True, collate_fn=task.collate_fn,
             num_workers=t.num_workers, pin_memory=acc.device.type == "cuda",
@@ -75,6 +74,9 @@ class Engine:
         if len(self.train_dl) < t.grad_accum_steps:
             raise ConfigError(f"trainer.micro_batch_size: the training split has only {len(self.train_dl)} batches "
                               f"of {t.micro_batch_size} per process, fewer than grad_accum_steps={t.grad_accum_steps}")
+        if t.max_epochs:  # the step count the epochs make; config.yaml records it (tdlm.engine.checkpoint)
+            t.max_steps = max(1, round(t.max_epochs * len(self.train_dl) / t.grad_accum_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg.optim, t.max_steps))
         task.prepare(acc)
         acc.register_for_checkpointing(self.scheduler)
         self.raw_model = acc.unwrap_model(self.model)
@@ -141,8 +143,9 @@ class Engine:
         self.model.train()
         while state.step < end:
             step = state.step + 1
+            epoch = state.epoch
             self.optimizer_step(step)
-            logs = self._evaluate_and_log(step)
+            logs = self._evaluate_and_log(step, epoch_ended=bool(t.max_epochs) and state.epoch > epoch)
             last.update(logs)
             if bar is not None:
                 bar.update(1)
@@ -159,6 +162,7 @@ class Engine:
         summary = {"summary/training_time_hours": (time.perf_counter() - start_time) / 3600,
                    "summary/total_steps": state.step, "summary/final_loss": last.get("train/loss", math.nan),
                    "summary/best_val_loss": state.best_val, "summary/steps_this_session": state.step - start_step,
+                   **({"summary/flops": self._flops(state.step)} if self.task.flops_per_unit else {}),
                    **self.task.summary(state.best_val)}
         if state.step == t.max_steps:  # an interrupted run is not over: its summary comes when it is
             self.log(summary)
@@ -201,16 +205,23 @@ class Engine:
         self.state.step = step
         t3 = self._clock()
         info = StepInfo(grad_norm, lr, accum * world * B * task.units_per_row, t3 - t0, self.state.epoch,
-                        self.raw_model, data_seconds=t1 - t0, update_seconds=t2 - t1)
+                        self.raw_model, data_seconds=t1 - t0, update_seconds=t2 - t1, flops=self._flops(step))
         sample_from = self.ema.module if self.ema is not None else self.raw_model
         self.metrics.update(step, step=info, **task.step_sources(info, sample_from))
+
+    def _flops(self, steps: int) -> float:
+        """Model training FLOPs of ``steps`` optimizer steps: every step processes the same global batch."""
+        t = self.cfg.trainer
+        units = t.grad_accum_steps * self.accelerator.num_processes * t.micro_batch_size * self.task.units_per_row
+        return float(steps * units * self.task.flops_per_unit)
 
     def _clock(self) -> float:
         """Host time; after the device's queued work when the task times phases."""
         return device_time(self.accelerator.device) if self.task.synchronized_timing else time.perf_counter()
 
     def _next_batches(self, n: int) -> list:
-        """``n`` micro-batches, continuing the epoch at the saved cursor; a new epoch reshuffles (set_epoch)."""
+        """``n`` micro-batches, continuing the epoch at the saved cursor; a new epoch reshuffles (set_epoch). The
+        epoch counter moves on as soon as an epoch's last batch is taken, so a step that ends an epoch says so."""
         out, state = [], self.state
         while len(out) < n:
             if not hasattr(self, "_iter"):
@@ -224,15 +235,21 @@ class Engine:
             try:
                 out.append(next(self._iter))
                 state.batches_in_epoch += 1
-            except StopIteration:
-                del self._iter
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            except StopIteration:  # a cursor saved at an epoch's end by an earlier version
+                pass
+            else:
+                if state.batches_in_epoch < len(self.train_dl):
+                    continue
+            del self._iter
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         return out
 
-    def _evaluate_and_log(self, step: int) -> dict:
-        """Evaluate on the evaluation cadence (whatever the metric tiers), log what is due, stop on bad values."""
+    def _evaluate_and_log(self, step: int, epoch_ended: bool = False) -> dict:
+        """Evaluate on the evaluation cadence (whatever the metric tiers) and at epoch ends when training by
+        epochs, log what is due, stop on bad values."""
         t, state = self.cfg.trainer, self.state
-        if step % t.eval_every_n_steps == 0 or step == t.max_steps:
+        evaluate = step % t.eval_every_n_steps == 0 or step == t.max_steps or epoch_ended
+        if evaluate:
             was_training = self.model.training
             self.model.eval()
             try:
@@ -240,9 +257,12 @@ class Engine:
             finally:
                 self.model.train(was_training)
             self.metrics.update(step, val=val)
-        logs = self.metrics.compute(step) if self.metrics.due(step) else {}
+        # an evaluation off the logging cadence (an epoch end) is logged at its own step, with train/epoch
+        logs = self.metrics.compute(step, extra=evaluate) if self.metrics.due(step) or evaluate else {}
         if "val/loss" in logs:
             state.history.setdefault("val_loss", []).append([step, state.epoch, logs["val/loss"]])
+            if epoch_ended:
+                logs["train/epoch"] = float(state.epoch)  # completed passes, beside the epoch-end validation
         if logs:
             self.log(logs)  # the nonfinite_loss health rule stops here when the logged loss is NaN/Inf
             self._check_finite()  # ... and this, when a step between two logs was

@@ -43,6 +43,8 @@ class Task:
     """Parameter-name parts that get no weight decay beyond the 1-d ones (``tdlm.engine.optim.param_groups``)."""
     units_per_row: int = 1
     """Throughput unit per row: tokens per sequence for text, 1 for an image episode."""
+    flops_per_unit: float = 0.0
+    """Model training FLOPs of one unit (``tdlm.flops``); 0 = not counted. The engine logs the run's total."""
     synchronized_timing: bool = False
     """Synchronise the device before reading the step's timers (per-phase timings); costs a sync per step."""
 

@@ -141,6 +141,9 @@ class Validation(Collector):
     def compute(self):
         return {"val/loss": Fm.ratio(self.loss_sum, self.count)} if self._fed else {}
 
+    def pending(self) -> bool:
+        return self._fed
+
     def reset(self):
         super().reset()
         self._fed = False

@@ -112,6 +112,10 @@ class Collector:
         """Metric name -> scalar (a 0-d tensor or a number) or a media object the sinks take as it is."""
         raise NotImplementedError
 
+    def pending(self) -> bool:
+        """Holds a value of the current step that is reported on that step whatever the cadence (a validation)."""
+        return False
+
     def reset(self) -> None:
         for name, default in self._defaults.items():
             setattr(self, name, default.clone())
@@ -156,6 +160,7 @@ class StepInfo:
     model: torch.nn.Module
     data_seconds: float = 0.0  # of which waiting for the micro-batches
     update_seconds: float = 0.0  # of which the micro-batches' forward/backward and the optimizer step
+    flops: float = 0.0  # model training FLOPs of the run up to and including this step (0: the task counts none)
 
 
 @dataclass
@@ -280,10 +285,11 @@ class MetricRunner:
             if c.sources <= inputs.keys() and (c.window or self._due(c, step)):
                 c.update(inputs)
 
-    def compute(self, step: int) -> dict[str, float]:
-        """Sync, compute and reset the collectors whose tier is due at ``step``; scalars come back as floats,
-        all in one device-to-host transfer."""
-        due = [c for c in self.collectors if self._due(c, step)]
+    def compute(self, step: int, extra: bool = False) -> dict[str, float]:
+        """Sync, compute and reset the collectors whose tier is due at ``step`` (``extra``: and the ones holding a
+        value of this very step, an evaluation off the cadence); scalars come back as floats, all in one
+        device-to-host transfer."""
+        due = [c for c in self.collectors if self._due(c, step) or (extra and c.pending())]
         sync_states(due)
         values: dict[str, Any] = {}
         for c in due:

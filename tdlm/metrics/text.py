@@ -95,6 +95,27 @@ class Optimization(common.Optimization):
 
 
 @TEXT.register
+class TrainingCompute(Collector):
+    """Model training FLOPs of the run so far, at the logging step: 6 N + 12 n_layer L d per token position
+    (``tdlm/flops.py``; pads included, both objectives alike) times the positions of every step so far. The
+    compute axis of a data-constrained comparison (``eval/data_constrained.py``); the total is ``summary/flops``."""
+
+    tier = "essential"
+    needs = ("optimizer_step",)
+    metrics = (MetricSpec("train/flops", "FLOP", "model training FLOPs of the run up to this step"),)
+
+    def __init__(self, **ctx):
+        super().__init__()
+        self.add_state("flops", _zeros(), reduce="max")  # every process holds the same total
+
+    def update(self, inputs):
+        self.flops.fill_(inputs["step"].flops)
+
+    def compute(self):
+        return {"train/flops": self.flops.clone()}
+
+
+@TEXT.register
 class ParamNorm(common.ParamNorm):
     """L2 norm of all parameters (as one vector) after the optimizer step on the logging step."""
 
