@@ -54,14 +54,18 @@ def loss_model(epochs, unique: float, E: float, B: float, beta: float, r_star: f
     return E + B * effective_data(epochs, unique, r_star) ** -beta
 
 
-def _fit_at(epochs, loss, unique, r_star) -> tuple[float, dict]:
-    """Least squares of E, B (linear) and beta (1-D search) at a fixed R*: (RSS, parameters)."""
+def _fit_at(epochs, loss, unique, r_star, floor=None) -> tuple[float, dict]:
+    """Least squares of E, B (linear; E fixed at ``floor`` when given) and beta (1-D search) at a fixed R*."""
     d = effective_data(epochs, unique, r_star)
 
     def solve(beta):
-        x = np.stack([np.ones_like(d), d ** -beta], 1)
-        coef, *_ = np.linalg.lstsq(x, loss, rcond=None)
-        return float(((x @ coef - loss) ** 2).sum()), coef
+        if floor is None:
+            x = np.stack([np.ones_like(d), d ** -beta], 1)
+            coef, *_ = np.linalg.lstsq(x, loss, rcond=None)
+            return float(((x @ coef - loss) ** 2).sum()), coef
+        x = d ** -beta
+        b = float(x @ (loss - floor) / (x @ x))
+        return float(((floor + b * x - loss) ** 2).sum()), (floor, b)
 
     res = minimize_scalar(lambda b: solve(b)[0], bounds=(0.01, 2.0), method="bounded",
                           options={"xatol": 1e-6})
@@ -69,23 +73,26 @@ def _fit_at(epochs, loss, unique, r_star) -> tuple[float, dict]:
     return rss, {"E": float(e), "B": float(b), "beta": float(res.x)}
 
 
-def fit_effective_data(epochs, loss, unique: float) -> dict:
-    """R* with its 95% profile interval, and E, B, beta at the best R* (module docstring)."""
+def fit_effective_data(epochs, loss, unique: float, floor: float | None = None) -> dict:
+    """R* with its 95% profile interval, and E, B, beta at the best R* (module docstring); ``floor``: E fixed
+    at the data's known entropy rate (the Markov corpus), which one unique budget alone cannot separate from B
+    and beta."""
     epochs, loss = np.asarray(epochs, dtype=float), np.asarray(loss, dtype=float)
-    if epochs.size < 5:
-        raise ValueError(f"the fit needs at least 5 epoch counts, got {epochs.size}")
-    profile = np.array([_fit_at(epochs, loss, unique, r)[0] for r in R_GRID])
+    n_params = 3 if floor is not None else 4
+    if epochs.size < n_params + 1:
+        raise ValueError(f"the fit needs at least {n_params + 1} epoch counts, got {epochs.size}")
+    profile = np.array([_fit_at(epochs, loss, unique, r, floor)[0] for r in R_GRID])
     i = int(profile.argmin())
     lo_r, hi_r = R_GRID[max(i - 1, 0)], R_GRID[min(i + 1, len(R_GRID) - 1)]
-    best = minimize_scalar(lambda lr: _fit_at(epochs, loss, unique, math.exp(lr))[0],
+    best = minimize_scalar(lambda lr: _fit_at(epochs, loss, unique, math.exp(lr), floor)[0],
                            bounds=(math.log(lo_r), math.log(hi_r)), method="bounded")
     r_star = math.exp(best.x)
-    rss, params = _fit_at(epochs, loss, unique, r_star)
-    dof = max(epochs.size - 4, 1)
+    rss, params = _fit_at(epochs, loss, unique, r_star, floor)
+    dof = max(epochs.size - n_params, 1)
     threshold = rss * (1 + f_dist.ppf(0.95, 1, dof) / dof)
 
     def excess(log_r):
-        return _fit_at(epochs, loss, unique, math.exp(log_r))[0] - threshold
+        return _fit_at(epochs, loss, unique, math.exp(log_r), floor)[0] - threshold
 
     def edge(outside):  # where the profile crosses the threshold between R* and the nearest grid point outside
         if outside.size == 0:
@@ -98,7 +105,7 @@ def fit_effective_data(epochs, loss, unique: float) -> dict:
     lo, hi = lo if lo is not None else float(R_GRID[0]), hi if hi is not None else float(R_GRID[-1])
     return {"r_star": r_star, "r_star_interval": [lo, hi], "interval_level": 0.95,
             "bounded_below": bool(lo > R_GRID[0]), "bounded_above": bool(hi < R_GRID[-1]), **params, "rss": rss,
-            "rmse": math.sqrt(rss / epochs.size), "unique_tokens": unique}
+            "rmse": math.sqrt(rss / epochs.size), "unique_tokens": unique, "floor_fixed": floor is not None}
 
 
 # ---------------------------------------------------------------------------------------------------- the sweep
@@ -116,7 +123,8 @@ def final_record(path: Path) -> dict | None:
     vals = [r for r in recs if "val/loss" in r]
     if summary is None or not vals:
         return None
-    return {"val_loss": vals[-1]["val/loss"], "flops": summary["summary/flops"],
+    return {"val_loss": vals[-1]["val/loss"], "best_val_loss": min(r["val/loss"] for r in vals),
+            "flops": summary["summary/flops"],
             "unique_tokens": summary["summary/unique_tokens"], "steps": summary["summary/total_steps"],
             "epoch_curve": [[r.get("train/epoch"), r["step"], r["val/loss"]] for r in vals if "train/epoch" in r]}
 
@@ -135,13 +143,28 @@ def train(out: Path, objective: str, epochs: float, a) -> None:
                        check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
-def crossover(ar: dict, diff: dict) -> dict:
-    """The first epoch count (and its FLOPs) from which diffusion's bound is at or below AR's loss."""
+def data_floor(path: Path) -> float | None:
+    """The entropy rate of a run's corpus when it is known (the Markov source), from its prepared data."""
+    from tdlm.data import prepare_dataset
+    from tdlm.runs import load_run_config
+
+    cfg = load_run_config(path)
+    if cfg is None or cfg.data.source != "markov":
+        return None
+    info = json.loads((prepare_dataset(cfg.data, log=lambda *a: None) / "info.json").read_text())
+    return info.get("true_nll_per_token")
+
+
+def crossover(ar: dict, diff: dict, target: str) -> dict:
+    """Where diffusion overtakes AR for good: the first epoch count from which diffusion's bound is at or below
+    AR's loss at every larger count, after AR was ahead at a smaller one (Prabhudesai et al.'s critical compute).
+    Diffusion ahead everywhere (both still at the unigram level, say) is not a crossover."""
     shared = sorted(set(ar) & set(diff))
-    for e in shared:
-        if diff[e]["val_loss"] <= ar[e]["val_loss"]:
-            return {"seen": True, "epochs": e, "flops": diff[e]["flops"]}
-    return {"seen": False, "epochs_compared": shared}
+    ahead = [diff[e][target] <= ar[e][target] for e in shared]
+    for i, e in enumerate(shared):
+        if i > 0 and all(ahead[i:]) and not all(ahead[:i]):
+            return {"seen": True, "epochs": e, "flops": diff[e]["flops"], "epochs_compared": shared}
+    return {"seen": False, "epochs_compared": shared, "diffusion_ahead": dict(zip(map(str, shared), ahead))}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -155,7 +178,7 @@ def plot(result: dict, path: Path) -> None:
         if not runs:
             continue
         e = np.array(sorted(runs, key=float), dtype=float)
-        loss = np.array([runs[k]["val_loss"] for k in sorted(runs, key=float)])
+        loss = np.array([runs[k][result["target"]] for k in sorted(runs, key=float)])
         flops = np.array([runs[k]["flops"] for k in sorted(runs, key=float)])
         label = "diffusion (bound)" if name == "diffusion" else "AR (exact)"
         axes[0].plot(e, loss, "o", color=color, label=label)
@@ -189,6 +212,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="per run")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every run (key=value)")
     ap.add_argument("--read-only", action="store_true", help="fit the finished runs, start none")
+    ap.add_argument("--target", choices=["best_val_loss", "val_loss"], default="best_val_loss",
+                    help="each run's best epoch-end validation loss (early stopped: what E epochs can reach, "
+                         "monotone in E as the model assumes) or its final one")
+    ap.add_argument("--floor", default="auto",
+                    help="E of the fit: auto = the corpus's entropy rate when known (Markov), none = fitted, or "
+                         "a number (nats/token)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,22 +226,24 @@ def main(argv=None) -> int:
         for e in a.epochs:  # epoch-major: both objectives advance together
             for objective in a.objectives:
                 train(out, objective, e, a)
-    result = {"unique_tokens": a.unique_tokens, "config": a.config, "runs": {}, "fits": {},
+    result = {"unique_tokens": a.unique_tokens, "config": a.config, "target": a.target, "runs": {}, "fits": {},
               "sweep_seconds": round(time.perf_counter() - t0, 1)}
     for objective in a.objectives:
         runs = {f"{e:g}": rec for e in a.epochs if (rec := final_record(run_dir(out, objective, e)))}
         result["runs"][objective] = runs
+        floor = (data_floor(run_dir(out, objective, a.epochs[0])) if a.floor == "auto" and runs else
+                 None if a.floor in ("auto", "none") else float(a.floor))
         if len(runs) >= 5:
             e = np.array([float(k) for k in runs])
-            loss = np.array([r["val_loss"] for r in runs.values()])
+            loss = np.array([r[a.target] for r in runs.values()])
             unique = float(next(iter(runs.values()))["unique_tokens"])
-            result["fits"][objective] = fit_effective_data(e, loss, unique)
+            result["fits"][objective] = fit_effective_data(e, loss, unique, floor)
         else:
             result["fits"][objective] = {"skipped": f"{len(runs)} finished runs; the fit needs 5"}
     if all(result["runs"].get(k) for k in ("ar", "diffusion")):
         ar = {float(k): v for k, v in result["runs"]["ar"].items()}
         diff = {float(k): v for k, v in result["runs"]["diffusion"].items()}
-        result["crossover"] = crossover(ar, diff)
+        result["crossover"] = crossover(ar, diff, a.target)
     (out / "data_constrained.json").write_text(json.dumps(result, indent=1))
     if any(result["runs"].values()):
         plot(result, out / "data_constrained.png")

@@ -69,6 +69,7 @@ def run_config(ckpt: Path):
                           f"split and SigLIP come from it)")
     data = yaml.safe_load(path.read_text()) or {}
     data.pop("world_size", None)
+    data.pop("resolved_max_steps", None)
     return fsdit_config_from_dict(data)
 
 

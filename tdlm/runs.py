@@ -31,6 +31,7 @@ def load_run_config(run_dir: Path) -> RunConfig | None:
         return None
     data = yaml.safe_load(path.read_text()) or {}
     data.pop("world_size", None)
+    data.pop("resolved_max_steps", None)
     return config_from_dict(data)
 
 

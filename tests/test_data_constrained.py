@@ -79,3 +79,13 @@ def test_effective_data_fit_recovers_its_own_parameters():
         lo, hi = fit["r_star_interval"]
         assert lo <= true["r_star"] <= hi, (true, fit)
         assert abs(np.log(fit["r_star"] / true["r_star"])) < 0.5
+
+
+def test_crossover_needs_ar_ahead_first():
+    def runs(losses):
+        return {e: {"v": v, "flops": 10 * e} for e, v in zip((1, 2, 4, 8), losses)}
+
+    ar = runs([3.0, 2.5, 2.4, 2.6])
+    assert data_constrained.crossover(ar, runs([3.1, 2.7, 2.3, 2.2]), "v")["epochs"] == 4
+    assert not data_constrained.crossover(ar, runs([2.9, 2.7, 2.5, 2.7]), "v")["seen"]  # AR ahead at the end
+    assert not data_constrained.crossover(ar, runs([2.9, 2.4, 2.3, 2.2]), "v")["seen"]  # diffusion ahead throughout

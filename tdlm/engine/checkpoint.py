@@ -65,8 +65,10 @@ def prepare_run_dir(accelerator, cfg, replace_old_run: bool) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(
-            {**cfg.to_dict(), "world_size": accelerator.num_processes}, sort_keys=False))
+        data = {**cfg.to_dict(), "world_size": accelerator.num_processes}
+        if data["trainer"].get("max_epochs"):  # the config as given (epochs), and the steps they made (metadata)
+            data["resolved_max_steps"], data["trainer"]["max_steps"] = data["trainer"]["max_steps"], None
+        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def check_free_disk(root: Path, min_free_mb: int) -> None:

@@ -56,7 +56,7 @@ class TrainerSection:
     max_epochs: float = 0.0
     """> 0: train for this many passes over the training split (max_steps must be null): steps = round(epochs x
     micro-batches per process per epoch / grad_accum_steps), and the validation loss is also taken at every epoch
-    end. The resolved max_steps is what config.yaml records."""
+    end. config.yaml keeps max_steps null and records the steps as ``resolved_max_steps``."""
     micro_batch_size: int = 16
     """Rows (sequences, episodes) per process per micro-step."""
     grad_accum_steps: int = 1
