@@ -51,7 +51,7 @@ def test_two_process_metrics_equal_one_process(tiny, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(ROOT / "tdlm" / "train.py"), str(config),
            *tiny(**every, **{"trainer.micro_batch_size": 4, "trainer.run_name": "two",
-                             "data.eval_batches": 4})]  # the same 16 validation rows (eval_batches x micro)
+                             "data.eval_batches": 2})]  # the same 32 validation rows: 2 global batches of 16
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two_dir = tmp_path / "runs" / "two"
