@@ -26,6 +26,7 @@ from tdlm.model import TdlmForMaskedOrCausalLM, build_model
 from tdlm.noise import TrainingNoise
 from tdlm.objective import (StepOutputs, autoregressive_outputs, masked_diffusion_outputs, reported_sum,
                             sequence_sums)
+from tdlm.sequences import BatchPositions, RandomLength, batch_positions, resolve_never_mask
 
 VALIDATION_SALT = 424242  # keeps the fixed validation noise apart from every training step's stream
 ANNEAL_SALT = 515151  # the attention-annealing patterns' stream, apart from the masking noise
@@ -90,6 +91,16 @@ class TextTask(Task):
         self.train_set, self.collate_fn = self.data.train, Collator(self.pad_id)
         self.units_per_row = cfg.data.seq_len
         self.val_noise: tuple[torch.Tensor, ...] = ()
+        self.never_mask = resolve_never_mask(cfg.diffusion.never_mask, tok)
+        if cfg.data.random_length_prob > 0:  # training rows only: validation scores whole rows
+            self.train_set = RandomLength(self.train_set, cfg.data.random_length_prob, self.pad_id, cfg.trainer.seed)
+        if cfg.data.document_mask and not isinstance(self.model, TdlmForMaskedOrCausalLM):
+            raise ConfigError("data.document_mask: needs tdlm's own backbone (position_ids and pair masks); "
+                              f"model.pretrained={cfg.model.pretrained} is a Hugging Face model")
+
+    def positions(self, batch) -> BatchPositions:
+        """Which positions are attended, noised and scored (``tdlm/sequences.py``)."""
+        return batch_positions(batch, self.pad_id, self.never_mask, self.cfg.model.causal)
 
     def prepare(self, accelerator):
         val_dl = torch.utils.data.DataLoader(self.data.validation, batch_size=self.cfg.trainer.micro_batch_size,
@@ -203,6 +214,8 @@ class TextTask(Task):
         c = self.cfg
         if "val/perplexity" in result:
             kind = "exact perplexity (AR)" if c.model.causal else "perplexity bound (NELBO)"
+            if c.data.source == "sft":
+                kind = "conditional " + kind + " of the responses"
             print(f"validation {kind}: {result['val/perplexity']:.3f}   val/loss {result['val/loss']:.4f} "
                   f"nats/token   steps {result['summary/total_steps']}   run dir {c.run_dir}")
         if c.sample.at_end:
@@ -235,7 +248,7 @@ class MaskedDiffusionTask(TextTask):
         return self.noise.draw(generator, rows, self.cfg.data.seq_len)
 
     def num_targets(self, batch):
-        return (batch["input_ids"] != self.pad_id).sum()
+        return self.positions(batch).eligible.sum()
 
     def outputs(self, model, batch, noise, clip_weight=0.0, validation=False):
         """No host sync on a GPU: a packed batch (no padding, so no ``attention_mask``) is masked on the host,
@@ -243,10 +256,10 @@ class MaskedDiffusionTask(TextTask):
         asynchronous copies from pinned memory. A padded batch needs the device's pad mask, so it is masked
         there and its masked count is read back (one sync); exact-k ranks the valid positions on the host."""
         estimator = self.val_estimator if validation else self.noise
-        ids, attn = batch["input_ids"], batch.get("attention_mask")
-        valid = ids != self.pad_id
-        if attn is None or estimator.estimator == "exact-k":  # on the host
-            masked, t, weight, ratio = estimator.mask(*noise, None if attn is None else valid.cpu())
+        ids, pos = batch["input_ids"], self.positions(batch)
+        attn, valid = pos.attention_mask, pos.eligible  # eligible: not a pad, prompt or never-masked token
+        if pos.all_eligible or estimator.estimator == "exact-k":  # on the host
+            masked, t, weight, ratio = estimator.mask(*noise, None if pos.all_eligible else valid.cpu())
             positions = masked.flatten().nonzero().squeeze(1)
             masked, positions, t, weight, ratio = (to_device(x, ids.device)
                                                    for x in (masked, positions, t, weight, ratio))
@@ -254,7 +267,7 @@ class MaskedDiffusionTask(TextTask):
             masked, t, weight, ratio = estimator.mask(*(to_device(x, ids.device) for x in noise), valid)
             positions = masked.flatten().nonzero().squeeze(1)
         return masked_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, attn, t,
-                                        clip_weight, ratio)
+                                        clip_weight, ratio, pos.position_ids)
 
     def sample(self, model, n, steps, seed=0):
         from tdlm.sampling import ancestral_sample
@@ -270,11 +283,11 @@ class AutoregressiveTask(TextTask):
     """The same backbone, causal: next-token NLL, exact perplexity; no noise."""
 
     def num_targets(self, batch):
-        return (batch["input_ids"][:, 1:] != self.pad_id).sum()
+        return self.positions(batch).eligible[:, 1:].sum()
 
     def outputs(self, model, batch, noise, clip_weight=0.0, validation=False):
-        ids = batch["input_ids"]
-        return autoregressive_outputs(model, ids, ids != self.pad_id, batch.get("attention_mask"))
+        pos = self.positions(batch)
+        return autoregressive_outputs(model, batch["input_ids"], pos.eligible, pos.attention_mask, pos.position_ids)
 
     def sample(self, model, n, steps, seed=0):
         from tdlm.sampling import SamplerConfig, ar_generate

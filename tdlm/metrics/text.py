@@ -375,7 +375,10 @@ class ModelProbe(Collector):
         model.eval()
         for a in range(0, B, rows):
             v = out.valid[a:a + rows]
-            res = model.hidden_states(ids[a:a + rows], v, return_attention=True, return_all_hidden=True)
+            # attended as in the objective (pads out; an SFT prompt in; documents apart), statistics over ``v``
+            attn = v if out.attention_mask is None else out.attention_mask[a:a + rows]
+            extra = {} if out.position_ids is None else {"position_ids": out.position_ids[a:a + rows]}
+            res = model.hidden_states(ids[a:a + rows], attn, return_attention=True, return_all_hidden=True, **extra)
             for i, (p, h) in enumerate(zip(res["attentions"], res["all_hidden"])):
                 e, n = Fm.attention_entropy_sums(p, v, v)
                 self.ent[i] += e
