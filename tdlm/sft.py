@@ -137,25 +137,55 @@ def has_chat_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
+def prompt_ids(context, tok, template: str, where: str) -> list[int]:
+    """Token ids of a prompt: ``context`` is the prompt text or the messages before the response, rendered by the
+    template ``data.sft_template`` asks for (module docstring); generation renders prompts with the same one."""
+    chat = isinstance(context, list) and template != "plain" and has_chat_template(tok)
+    if isinstance(context, list) and template == "chat" and not has_chat_template(tok):
+        name = tok.name_or_path or "trained on the data"
+        raise ConfigError(f"{where}: 'messages' need a chat template and the tokenizer ({name}) has none "
+                          f"(data.sft_template=auto or plain uses the plain template)")
+    if chat:
+        text = tok.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    if isinstance(context, list):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in context) + "assistant: "
+    else:
+        text = context + "\n"
+    return [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+
+
 def encode(ex: dict, tok, cfg: DataSection, where: str) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids with EOS) by the template of ``data.sft_template`` (module docstring)."""
     msgs = ex.get("messages")
-    chat = msgs is not None and cfg.sft_template != "plain" and has_chat_template(tok)
-    if msgs is not None and cfg.sft_template == "chat" and not has_chat_template(tok):
-        raise ConfigError(f"{where}: 'messages' need a chat template and the tokenizer ({cfg.tokenizer}) has none "
-                          f"(data.sft_template=auto or plain uses the plain template)")
-    if chat:
-        text = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-        prompt = tok(text, add_special_tokens=False)["input_ids"]
-        response = msgs[-1]["content"]
-    else:
-        if msgs is not None:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs[:-1]) + "assistant: "
-            response = msgs[-1]["content"]
-        else:
-            text, response = ex["prompt"] + "\n", ex["response"]
-        prompt = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    context, response = (msgs[:-1], msgs[-1]["content"]) if msgs is not None else (ex["prompt"], ex["response"])
+    prompt = prompt_ids(context, tok, cfg.sft_template, where)
     return prompt, tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def read_prompts(path: str) -> list[tuple[str, object, str | None]]:
+    """[(where, context, reference or None)] of a jsonl of prompts for generation: {prompt[, response]} or
+    {messages} (a final assistant message is the reference)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from None
+        msgs = ex.get("messages") if isinstance(ex, dict) else None
+        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
+            last = msgs[-1].get("role") == "assistant"
+            out.append((where, msgs[:-1] if last else msgs, msgs[-1].get("content") if last else None))
+        elif isinstance(ex, dict) and isinstance(ex.get("prompt"), str):
+            out.append((where, ex["prompt"], ex.get("response")))
+        else:
+            raise ConfigError(f"{where}: needs a string 'prompt' or a list of 'messages'")
+    if not out:
+        raise ConfigError(f"--prompts: no prompts in {path}")
+    return out
 
 
 def fit_row(prompt: list[int], response: list[int], cfg: DataSection, where: str) -> tuple[list[int], int]:
@@ -223,3 +253,37 @@ def build_sft_splits(cfg: DataSection, tok_factory, log=print):
     info = {"source": "sft", "num_train_documents": len(train), "num_val_documents": len(val),
             "sft_padding": cfg.sft_padding, "sft_template": cfg.sft_template}
     return tok, out, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate_responses(ck, prompts: list[tuple[str, object, str | None]], sampler, seed: int, accelerator,
+                       seq_len: int) -> list[dict]:
+    """One response per prompt from a loaded checkpoint (``tdlm.runs.load_checkpoint``), any sampler: the canvas is
+    the rendered prompt followed by [MASK] up to ``seq_len`` (diffusion) or the prompt as a prefix (AR); the
+    response is what follows the prompt up to the first EOS. Prompt i is sampled with its own generator (seed, i)
+    on the process it is sharded to; every process returns all responses, in prompt order."""
+    import torch
+
+    from .accel import gather_objects, shard
+    from .sampling import sample_checkpoint
+
+    tok = ck.tokenizer
+    template = ck.config.data.sft_template if ck.config is not None else "auto"
+    model = ck.model.to(accelerator.device)
+    mine = []
+    for i in shard(accelerator, len(prompts)):
+        where, context, reference = prompts[i]
+        ids = prompt_ids(context, tok, template, where)
+        if len(ids) >= seq_len:
+            raise ConfigError(f"{where}: the prompt's {len(ids)} tokens leave nothing to generate in {seq_len}")
+        canvas = torch.tensor(ids + [tok.mask_token_id] * (seq_len - len(ids)))
+        (sample,), _ = sample_checkpoint(model, tok, [i], sampler, seed, canvas, 1)
+        response = sample["ids"][len(ids):]
+        if tok.eos_token_id in response:
+            response = response[:response.index(tok.eos_token_id)]
+        mine.append({"index": i, "prompt": context if isinstance(context, str) else context[-1]["content"],
+                     "response": tok.decode(response, skip_special_tokens=True).strip(), "reference": reference})
+    return sorted(gather_objects(accelerator, mine), key=lambda r: r["index"])

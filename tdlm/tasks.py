@@ -256,7 +256,7 @@ class MaskedDiffusionTask(TextTask):
         asynchronous copies from pinned memory. A padded batch needs the device's pad mask, so it is masked
         there and its masked count is read back (one sync); exact-k ranks the valid positions on the host."""
         estimator = self.val_estimator if validation else self.noise
-        ids, pos = batch["input_ids"], self.positions(batch)
+        ids, pos = batch["input_ids"], batch_positions(batch, self.pad_id, self.never_mask)
         attn, valid = pos.attention_mask, pos.eligible  # eligible: not a pad, prompt or never-masked token
         if pos.all_eligible or estimator.estimator == "exact-k":  # on the host
             masked, t, weight, ratio = estimator.mask(*noise, None if pos.all_eligible else valid.cpu())
@@ -286,7 +286,7 @@ class AutoregressiveTask(TextTask):
         return self.positions(batch).eligible[:, 1:].sum()
 
     def outputs(self, model, batch, noise, clip_weight=0.0, validation=False):
-        pos = self.positions(batch)
+        pos = batch_positions(batch, self.pad_id, self.never_mask, causal=True)
         return autoregressive_outputs(model, batch["input_ids"], pos.eligible, pos.attention_mask, pos.position_ids)
 
     def sample(self, model, n, steps, seed=0):

@@ -261,9 +261,7 @@ def test_eos_padding_scores_the_padding(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_sft_two_processes_equal_one_and_resume_exactly(tiny, tmp_path):
-    from test_distributed import assert_same_metrics
-
-    import tdlm.train as train_script
+    from test_distributed import ROOT, assert_same_metrics
 
     over = sft_overrides(tiny, tmp_path, **{"trainer.max_steps": 6, "trainer.eval_every_n_steps": 3,
                                             "trainer.save_every_n_steps": 3, "trainer.micro_batch_size": 4,
@@ -278,7 +276,7 @@ def test_sft_two_processes_equal_one_and_resume_exactly(tiny, tmp_path):
     two = [o.replace("trainer.grad_accum_steps=2", "trainer.grad_accum_steps=1").replace(
         "trainer.run_name=ref", "trainer.run_name=two") for o in over]
     (tmp_path / "empty.yaml").write_text("{}\n")
-    launch_two_processes(train_script.__file__, [str(tmp_path / "empty.yaml"), *two])
+    launch_two_processes(ROOT / "tdlm" / "train.py", [str(tmp_path / "empty.yaml"), *two])
     ref = tmp_path / "runs" / "ref"
     worst = assert_same_metrics(ref, tmp_path / "runs" / "two")
     part = [o.replace("trainer.run_name=ref", "trainer.run_name=part") for o in over]
