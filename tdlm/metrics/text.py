@@ -132,13 +132,16 @@ class MaskAccuracy(Collector):
     """Over the window: the fraction of masked tokens whose argmax prediction is the clean token; masked tokens
     per optimizer step (global batch, window mean); valid (non-pad) positions / all positions. The metric design's
     "valid to total masked" would be identically 1 here (masking never selects a pad), so ``valid_ratio`` is
-    the padding share the metric design's reading ("low values indicate padding issues") describes."""
+    the padding share the metric design's reading ("low values indicate padding issues") describes. Valid means
+    eligible for the noise and the loss (``tdlm/sequences.py``): an SFT prompt, a never-masked token and the tail
+    of a row cut by ``data.random_length_prob`` are not."""
 
     tier = "essential"
     needs = ("logits", "mask")
     metrics = (MetricSpec("metrics/mask_accuracy", "fraction", "masked tokens predicted exactly (argmax)", "max"),
                MetricSpec("metrics/total_masked_tokens", "tokens/step", "masked tokens per global batch"),
-               MetricSpec("metrics/valid_ratio", "fraction", "valid (non-pad) positions / all positions"))
+               MetricSpec("metrics/valid_ratio", "fraction", "valid (eligible: non-pad, not an SFT prompt) "
+                                                           "positions / all positions"))
 
     def __init__(self, **ctx):
         super().__init__()
