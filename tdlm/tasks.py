@@ -94,9 +94,10 @@ class TextTask(Task):
         self.never_mask = resolve_never_mask(cfg.diffusion.never_mask, tok)
         if cfg.data.random_length_prob > 0:  # training rows only: validation scores whole rows
             self.train_set = RandomLength(self.train_set, cfg.data.random_length_prob, self.pad_id, cfg.trainer.seed)
-        if cfg.data.document_mask and not isinstance(self.model, TdlmForMaskedOrCausalLM):
-            raise ConfigError("data.document_mask: needs tdlm's own backbone (position_ids and pair masks); "
-                              f"model.pretrained={cfg.model.pretrained} is a Hugging Face model")
+        interface = getattr(getattr(self.model, "adaptation", None), "interface", None)
+        if cfg.data.document_mask and interface in ("timesteps", "logits"):
+            raise ConfigError(f"data.document_mask: needs position_ids and pair masks, which the remote-code "
+                              f"{interface} interface of model.pretrained={cfg.model.pretrained} does not take")
 
     def positions(self, batch) -> BatchPositions:
         """Which positions are attended, noised and scored (``tdlm/sequences.py``)."""

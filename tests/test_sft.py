@@ -292,3 +292,30 @@ def test_sft_two_processes_equal_one_and_resume_exactly(tiny, tmp_path):
         engine.close()
     assert_same_metrics(ref, tmp_path / "runs" / "part", rel=1e-9)
     print(f"SFT 2 processes vs 1: worst relative loss difference {worst:.2e}")
+
+
+@pytest.mark.parametrize("family, causal", [("llama", False), ("llama", True), ("bert", False)])
+def test_document_masked_packing_on_an_hf_backbone(tmp_path, family, causal):
+    """Two documents packed in one row: an HF backbone (adapted llama, llama kept causal, BERT) with the pair
+    mask and restarting positions gives each document's logits run alone."""
+    from hf_models import run_overrides, tiny_model_dir
+
+    from tdlm.data import load_pretrained_tokenizer
+    from tdlm.hf_backbone import build_pretrained
+
+    model_dir = tiny_model_dir(tmp_path / "models", family)
+    cfg = load_config(None, run_overrides(tmp_path / "cfg", model_dir, **{"model.causal": causal}))
+    tok = load_pretrained_tokenizer(cfg.data.tokenizer)
+    model = build_pretrained(cfg.model, cfg.diffusion, tok, 16, log=lambda *a: None).eval()
+    first = tok.convert_tokens_to_ids("a")
+    a, b = first + torch.arange(5) % 6, first + (torch.arange(7) * 5) % 6
+    docs = torch.tensor([[0] * 5 + [1] * 7 + [2] * 2])
+    ids = torch.cat([a, b, torch.full((2,), tok.pad_token_id)])[None]
+    pos = batch_positions({"input_ids": ids, "document_ids": docs}, tok.pad_token_id)
+    with torch.no_grad():
+        packed = model(ids, pos.attention_mask, position_ids=pos.position_ids)[0]
+        alone = torch.cat([model(a[None])[0], model(b[None])[0]])
+        unmasked = model(ids)[0]
+    worst = float((packed[:12] - alone).abs().max())
+    assert worst < 1e-4 and float((unmasked[:12] - alone).abs().max()) > 1e-3, worst
+    print(f"{family} causal={causal}: packed vs alone worst |logit difference| {worst:.2e}")
