@@ -5,7 +5,7 @@ left-to-right sampling with the same temperature / top-k / top-p.
     python eval/generate.py --checkpoint CKPT --method low_confidence --steps 64 --block-length 16 --temperature 0
     python eval/generate.py --checkpoint CKPT --prompt "def main" --top-p 0.9      # prefix
     python eval/generate.py --checkpoint CKPT --template "a b [MASK] [MASK] c [MASK] d"   # infilling
-    python eval/generate.py --checkpoint runs/sft --prompt "What does \`json.dumps\` do?"  # an SFT response
+    python eval/generate.py --checkpoint runs/sft --prompt "What does json.dumps do?"  # an SFT response
     python eval/generate.py --checkpoint runs/sft --prompts held_out.jsonl --method low_confidence  # vs references
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no eval/generate.py --checkpoint CKPT --num-samples 8 --out s.jsonl   # same samples

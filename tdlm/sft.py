@@ -285,5 +285,6 @@ def generate_responses(ck, prompts: list[tuple[str, object, str | None]], sample
         if tok.eos_token_id in response:
             response = response[:response.index(tok.eos_token_id)]
         mine.append({"index": i, "prompt": context if isinstance(context, str) else context[-1]["content"],
-                     "response": tok.decode(response, skip_special_tokens=True).strip(), "reference": reference})
+                     "response": tok.decode(response, skip_special_tokens=True).strip(), "reference": reference,
+                     "ids": response, "stopped": len(response) < len(sample["ids"]) - len(ids)})
     return sorted(gather_objects(accelerator, mine), key=lambda r: r["index"])

@@ -319,3 +319,38 @@ def test_document_masked_packing_on_an_hf_backbone(tmp_path, family, causal):
     worst = float((packed[:12] - alone).abs().max())
     assert worst < 1e-4 and float((unmasked[:12] - alone).abs().max()) > 1e-3, worst
     print(f"{family} causal={causal}: packed vs alone worst |logit difference| {worst:.2e}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_generate_answers_prompts_and_stops_at_eos(tiny, tmp_path, capsys, causal):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from eval import generate
+
+    engine = text_engine(load_config(None, sft_overrides(tiny, tmp_path, **{"model.causal": causal,
+                                                                             "data.sft_padding": "eos"})))
+    try:
+        engine.fit()
+        tok = engine.task.tokenizer
+    finally:
+        engine.close()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "alpha beta", "response": "gamma"}\n'
+                       '{"messages": [{"role": "user", "content": "delta"}]}\n')
+    run = str(tmp_path / "runs" / "t")
+    assert generate.main(["--checkpoint", run, "--prompts", str(prompts), "--steps", "8", "--out",
+                          str(tmp_path / "out.jsonl")]) == 0
+    text = capsys.readouterr().out
+    assert text.count("--- prompt") == 2 and "reference: gamma" in text and "prompt:    delta" in text
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+    for r in rows:  # cut at the first EOS: none left in the response, and its text is its ids decoded
+        assert tok.eos_token_id not in r["ids"] and r["response"] == tok.decode(r["ids"], skip_special_tokens=True).strip()
+    assert generate.main(["--checkpoint", run, "--prompt", "alpha", "--steps", "8"]) == 0  # an SFT run: rendered
+    assert "--- prompt 0 ---" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    assert generate.main(["--checkpoint", run, "--prompts", str(bad)]) == 2
+    assert f"{bad}:1: needs a string 'prompt'" in capsys.readouterr().err
