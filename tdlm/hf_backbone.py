@@ -258,6 +258,10 @@ def _auto_config(path: str, trust_remote_code: bool, key: str = "model.pretraine
         raise ConfigError(f"{key}: {path} holds no model (no config.json)")
     if config_file.is_file():
         raw = json.loads(config_file.read_text())
+        if raw.get("model_type") == "tdlm":  # tdlm's own model/: its config class is not registered with AutoConfig
+            from tdlm.model import TdlmConfig
+
+            return TdlmConfig.from_pretrained(path)
         if raw.get("auto_map") and not trust_remote_code:
             raise ConfigError(f"{key}: {path} ships its own modelling code ({', '.join(raw['auto_map'].values())}); "
                               f"set model.trust_remote_code=true to run it")
