@@ -354,3 +354,25 @@ def test_generate_answers_prompts_and_stops_at_eos(tiny, tmp_path, capsys, causa
     bad.write_text('{"question": "x"}\n')
     assert generate.main(["--checkpoint", run, "--prompts", str(bad)]) == 2
     assert f"{bad}:1: needs a string 'prompt'" in capsys.readouterr().err
+
+
+def test_sft_continues_tdlms_own_checkpoint(tiny, tmp_path):
+    """``model.pretrained`` = a tdlm checkpoint's model/ (what make demo-sft does with the quickstart one): the
+    weights are the checkpoint's and its tokenizer (beside model/) is the data's."""
+    engine = text_engine(load_config(None, sft_overrides(tiny, tmp_path, **{"trainer.run_name": "base"})))
+    try:
+        engine.fit()
+    finally:
+        engine.close()
+    model_dir = tmp_path / "runs" / "base" / "checkpoints" / "step_0000008" / "model"
+    engine = text_engine(load_config(None, sft_overrides(tiny, tmp_path, **{
+        "model.pretrained": str(model_dir), "trainer.run_name": "cont", "data.sft_padding": "eos"})))
+    try:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(model_dir / "model.safetensors"))
+        assert torch.equal(engine.raw_model.embed.weight, saved["embed.weight"])
+        assert engine.cfg.data.tokenizer == str(model_dir.parent / "tokenizer")
+        assert math.isfinite(engine.fit()["val/loss"])
+    finally:
+        engine.close()
