@@ -255,7 +255,9 @@ class MaskedDiffusionTask(TextTask):
         """No host sync on a GPU: a packed batch (no padding, so no ``attention_mask``) is masked on the host,
         where the noise is, and the masked positions go to the device as an index of known length, by
         asynchronous copies from pinned memory. A padded batch needs the device's pad mask, so it is masked
-        there and its masked count is read back (one sync); exact-k ranks the valid positions on the host."""
+        there and its masked count is read back (one sync); exact-k ranks the valid positions on the host. So is
+        a batch with an SFT prompt, never-masked tokens or documents: only eligible positions are noised and
+        scored (``tdlm/sequences.py``)."""
         estimator = self.val_estimator if validation else self.noise
         ids, pos = batch["input_ids"], batch_positions(batch, self.pad_id, self.never_mask)
         attn, valid = pos.attention_mask, pos.eligible  # eligible: not a pad, prompt or never-masked token
