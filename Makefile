@@ -40,7 +40,7 @@ demo-sft: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(PY) tdlm/train.py configs/sft.yaml trainer.overwrite=true \
 		model.pretrained=$(QUICKSTART_CKPT)/model
 	OMP_NUM_THREADS=$(THREADS) $(PY) eval/sft_demo.py --run runs/sft --before $(QUICKSTART_CKPT) --num-prompts 6 \
-		--method low_confidence --steps 64 --temperature 0
+		--method ancestral --steps 64
 
 # FSDiT on a generated CIFAR-100-layout dataset with a random tiny SigLIP (written once to .cache/fsdit/).
 FSDIT_DEMO_DATA := .cache/fsdit/demo_data
