@@ -126,7 +126,9 @@ def test_conditional_nelbo_equals_exact_enumeration_over_response_mask_sets(name
 
 
 def test_never_mask_tokens_stay_clean_and_out_of_the_denominator(tiny, tmp_path):
-    engine = text_engine(load_config(None, tiny(**{"data.source": "stdlib", "data.max_documents": 200,
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n\n".join(" ".join(WORDS[(i * j) % 10] for j in range(2 + i % 9)) for i in range(300)))
+    engine = text_engine(load_config(None, tiny(**{"data.source": "files", "data.paths": f"[{corpus}]",
                                                    "data.vocab_size": 300, "diffusion.never_mask": "[bos, eos]"})))
     try:
         task = engine.task
