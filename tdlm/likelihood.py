@@ -96,7 +96,8 @@ class NelboEstimator:
 
 @torch.no_grad()
 def sequence_nelbo(model, ids: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, mask_token_id: int,
-                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence weighted CE over masked positions, (B,) float64: ``tdlm.objective``, as in training."""
     positions = masked.flatten().nonzero().squeeze(1)
     # ``valid`` only sets the outputs' token count, which the NELBO column does not use

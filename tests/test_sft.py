@@ -349,7 +349,8 @@ def test_generate_answers_prompts_and_stops_at_eos(tiny, tmp_path, capsys, causa
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1]
     for r in rows:  # cut at the first EOS: none left in the response, and its text is its ids decoded
-        assert tok.eos_token_id not in r["ids"] and r["response"] == tok.decode(r["ids"], skip_special_tokens=True).strip()
+        assert tok.eos_token_id not in r["ids"]
+        assert r["response"] == tok.decode(r["ids"], skip_special_tokens=True).strip()
     assert generate.main(["--checkpoint", run, "--prompt", "alpha", "--steps", "8"]) == 0  # an SFT run: rendered
     assert "--- prompt 0 ---" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
