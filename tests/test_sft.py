@@ -204,6 +204,25 @@ def test_document_masked_packing_equals_each_document_alone(tiny, tmp_path):
         assert docs_seen > 4 and worst < 1e-4, worst
         assert float((unmasked - packed).abs().max()) > 1e-2  # without the mask the documents see each other
         print(f"packed vs alone: worst |logit difference| {worst:.2e} over {docs_seen} documents")
+        # the advanced probe attends as the objective did and takes each document as a sequence of its own
+        from tdlm.metrics import text as T
+        from tdlm.metrics.core import Inputs
+
+        with torch.no_grad():
+            out = task.outputs(model, batch, task.draw_noise(keyed_generator(0, 1), 4))
+            probe = T.ModelProbe(num_layers=2, mask_id=task.mask_id)
+            probe.update(Inputs(1, {"batch": out, "model": model}))
+            got = float(probe.compute()["advanced/sequence_diversity"])
+            noisy, naive = torch.where(out.masked, task.mask_id, out.input_ids), []
+            for b in range(4):
+                d = batch["document_ids"][b]
+                for doc in d.unique().tolist():
+                    span = (d == doc).nonzero().squeeze(1)
+                    h = model.hidden_states(noisy[b, span][None], return_all_hidden=True)["all_hidden"][-1][0]
+                    u = F.normalize(h[out.valid[b, span]].double(), dim=-1)
+                    if len(u) >= 2:
+                        naive.append(1 - float((u @ u.T).sum() - len(u)) / (len(u) * (len(u) - 1)))
+        assert got == pytest.approx(sum(naive) / len(naive), rel=1e-4)
         result = engine.fit()
         assert math.isfinite(result["val/loss"])
     finally:

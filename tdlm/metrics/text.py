@@ -346,7 +346,8 @@ class ModelProbe(Collector):
     old name). hidden_state_norm_layer{i}: mean L2 norm of block i's output at valid positions;
     hidden_state_norm: the last block's (before the final norm). sequence_diversity: per sequence,
     1 − mean cosine similarity between the last block's outputs at distinct valid positions, averaged over
-    sequences (0 = every position alike)."""
+    sequences (0 = every position alike); with document-masked packing each document is a sequence. The probe
+    attends as the objective did (its pair mask and positions)."""
 
     tier = "advanced"
     window = False
@@ -389,7 +390,15 @@ class ModelProbe(Collector):
                 s, n = Fm.vector_norm_sums(h, v)
                 self.norm[i] += s
                 self.norm_n[i] += n
-            d, n = Fm.sequence_diversity_sums(res["all_hidden"][-1], v)
+            last = res["all_hidden"][-1]
+            if out.position_ids is None:
+                d, n = Fm.sequence_diversity_sums(last, v)
+            else:  # document-masked rows: each document is a sequence of its own (it starts at position 0)
+                doc = (out.position_ids[a:a + rows] == 0).long().cumsum(1)
+                d, n = _zeros(), _zeros()
+                for k in range(1, int(doc.max()) + 1):  # a host sync, on the advanced tier's rare steps only
+                    dk, nk = Fm.sequence_diversity_sums(last, v & (doc == k))
+                    d, n = d + dk, n + nk
             self.div += d
             self.div_n += n
         model.train(was_training)
