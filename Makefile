@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # (loaded) machine use 1: a 2-thread step that has to wait for a busy core ran 5-17 s/it, a 1-thread one 0.8 s/it.
 THREADS ?= $(or $(OMP_NUM_THREADS),$(shell nproc))
 
-.PHONY: install demo demo-ar demo-markov demo-fsdit test bench clean
+.PHONY: install demo demo-ar demo-markov demo-sft demo-fsdit test bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,6 +31,16 @@ demo-ar: $(STAMP)
 
 demo-markov: $(STAMP)
 	OMP_NUM_THREADS=$(THREADS) $(PY) tdlm/train.py configs/markov.yaml trainer.overwrite=true
+
+# SFT (docs/sft.md): fine-tune the quickstart checkpoint (trained first by `make demo` if absent) on the embedded
+# stdlib Q&A corpus, then the conditional bound before/after and answers to held-out prompts beside the references.
+QUICKSTART_CKPT := runs/quickstart/checkpoints/step_0000600
+demo-sft: $(STAMP)
+	@test -f $(QUICKSTART_CKPT)/model/config.json || { echo "$(QUICKSTART_CKPT) absent: training it first (make demo)"; $(MAKE) demo; }
+	OMP_NUM_THREADS=$(THREADS) $(PY) tdlm/train.py configs/sft.yaml trainer.overwrite=true \
+		model.pretrained=$(QUICKSTART_CKPT)/model
+	OMP_NUM_THREADS=$(THREADS) $(PY) eval/sft_demo.py --run runs/sft --before $(QUICKSTART_CKPT) --num-prompts 6 \
+		--method ancestral --steps 64
 
 # FSDiT on a generated CIFAR-100-layout dataset with a random tiny SigLIP (written once to .cache/fsdit/).
 FSDIT_DEMO_DATA := .cache/fsdit/demo_data

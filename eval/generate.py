@@ -5,8 +5,13 @@ left-to-right sampling with the same temperature / top-k / top-p.
     python eval/generate.py --checkpoint CKPT --method low_confidence --steps 64 --block-length 16 --temperature 0
     python eval/generate.py --checkpoint CKPT --prompt "def main" --top-p 0.9      # prefix
     python eval/generate.py --checkpoint CKPT --template "a b [MASK] [MASK] c [MASK] d"   # infilling
+    python eval/generate.py --checkpoint runs/sft --prompt "What does json.dumps do?"  # an SFT response
+    python eval/generate.py --checkpoint runs/sft --prompts held_out.jsonl --method low_confidence  # vs references
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no eval/generate.py --checkpoint CKPT --num-samples 8 --out s.jsonl   # same samples
+
+An SFT run (data.source=sft), ``--sft`` or ``--prompts`` renders each prompt with the run's SFT template
+(docs/sft.md) and prints the response up to the first EOS (beside the reference a prompts file holds).
 
 Sample i is drawn with its own generator seeded by (--seed, i), so the samples do not depend on the batch size
 or the number of processes. Writes one JSON object per sample ({index, text, ids}) to --out, sorted by index,
@@ -28,6 +33,7 @@ from tdlm.accel import gather_objects, run_script, shard
 from tdlm.likelihood import eval_split
 from tdlm.runs import load_checkpoint
 from tdlm.sampling import METHODS, STEP_SCHEDULES, SamplerConfig, build_canvas, sample_checkpoint
+from tdlm.sft import generate_responses, read_prompts
 
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +63,9 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, default=0, help="0 = the run's data.seq_len")
     p.add_argument("--prompt", default="", help="fixed prefix text")
     p.add_argument("--template", default="", help="text with [MASK] where tokens are generated (infilling)")
+    p.add_argument("--prompts", help="jsonl of SFT prompts ({prompt[, response]} or {messages}): one response each")
+    p.add_argument("--sft", action="store_true", help="render --prompt with the SFT template, stop at EOS "
+                   "(default for an SFT run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="per process")
     p.add_argument("--out", help="JSONL file for the samples")
@@ -78,6 +87,12 @@ def run(args, accelerator) -> tuple[list[dict], dict]:
     ck = load_checkpoint(args.checkpoint, args.which)
     tok = ck.tokenizer
     seq_len = args.seq_len or (ck.config.data.seq_len if ck.config else ck.model.config.max_seq_len)
+    sft_run = ck.config is not None and ck.config.data.source == "sft"
+    if args.prompts or (args.prompt and (args.sft or sft_run)):
+        prompts = read_prompts(args.prompts) if args.prompts else [("--prompt", args.prompt, None)]
+        start = time.perf_counter()
+        out = generate_responses(ck, prompts, sampler_config(args, tok), args.seed, accelerator, seq_len)
+        return out, {"checkpoint": str(ck.path), "num_prompts": len(out), "seconds": time.perf_counter() - start}
     canvas = build_canvas(tok, seq_len, args.prompt, args.template)
     cfg = sampler_config(args, tok)
     model = ck.model.to(accelerator.device)
@@ -105,6 +120,10 @@ def main(argv=None) -> int:
         Path(args.out).write_text("".join(json.dumps(s) + "\n" for s in samples))
     if args.json:
         print(json.dumps(summary))
+    elif "num_prompts" in summary:
+        for s in samples:
+            ref = "" if s["reference"] is None else f"\nreference: {s['reference']}"
+            print(f"--- prompt {s['index']} ---\nprompt:    {s['prompt']}\nresponse:  {s['response']}{ref}")
     else:
         for s in samples:
             print(f"--- sample {s['index']} ---\n{s['text']}")

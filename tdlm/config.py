@@ -83,6 +83,20 @@ class DataSection:
     markov_tokens: int = 400000
     markov_concentration: float = 0.25
     seed: int = 1234
+    sft_padding: Literal["pad", "eos"] = "pad"
+    """source=sft: what fills a row after the response's EOS (docs/sft.md). pad: [PAD], never attended, masked or
+    scored; eos: [EOS] counted as response tokens (LLaDA), so the model learns to stop."""
+    sft_template: Literal["auto", "plain", "chat"] = "auto"
+    """source=sft: how ``messages`` are rendered: the tokenizer's chat template (chat; an error without one), the
+    plain template of docs/sft.md (plain), or the chat template when the tokenizer has one, else plain (auto)."""
+    sft_overlong: Literal["refuse", "truncate"] = "refuse"
+    """source=sft: an example whose prompt + response exceed seq_len stops with its file and line (refuse), or is
+    cut (truncate: the prompt keeps its start and end, then the response is cut)."""
+    random_length_prob: float = 0.0
+    """Training rows cut to a length ~ U{1..seq_len}, with this probability each (LLaDA: 0.01); the tail is padding,
+    never attended, masked or scored."""
+    document_mask: bool = False
+    """Packed rows: attention is block-diagonal per document and RoPE positions restart at each document."""
 
 
 @dataclass
@@ -102,6 +116,9 @@ class DiffusionSection:
     importance (t from q ∝ t^-proposal_power, w(t) p/q). Validation always scores the same Bernoulli noise."""
     proposal_power: float = 0.5
     """a in [0, 1) of the importance proposal q(t) ∝ t^-a (0 = uniform: the Bernoulli estimator)."""
+    never_mask: list = field(default_factory=list)
+    """Tokens that stay clean and out of the loss (bos, eos, sep, cls, unk, or a token string); they are not in the
+    bound's denominator either (docs/sft.md)."""
 
 
 @dataclass
@@ -125,7 +142,7 @@ class RunConfig(RunPaths):
 
 
 _CHOICES = {
-    "data.source": ("stdlib", "markov", "files", "hub", "prepared"),
+    "data.source": ("stdlib", "markov", "files", "hub", "prepared", "sft"),
     "diffusion.schedule": ("linear", "cosine", "loglinear"),
 }
 _POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len", "data.seq_len",
@@ -167,7 +184,18 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("data.paths: source=files needs at least one file or directory")
     if cfg.data.source == "hub" and not cfg.data.hub_name:
         raise ConfigError("data.hub_name: source=hub needs a dataset name")
+    validate_sequences(cfg)
     return cfg
+
+
+def validate_sequences(cfg: RunConfig) -> None:
+    """The SFT, variable-length and document-mask keys (docs/sft.md)."""
+    d = cfg.data
+    if not 0.0 <= d.random_length_prob <= 1.0:
+        raise ConfigError(f"data.random_length_prob: must be in [0, 1], got {d.random_length_prob}")
+    if d.document_mask and (d.source in ("sft", "markov") or not d.packing):
+        raise ConfigError(f"data.document_mask: needs packed documents (data.packing=true, a text source), not "
+                          f"source={d.source} packing={d.packing}")
 
 
 LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": list}

@@ -275,8 +275,11 @@ def _read_hub(cfg: DataSection) -> tuple[list[str], list[str]]:  # pragma: no co
 # Tokenize and pack
 
 
-def _tokenize_and_pack(texts: list[str], tok, seq_len: int, packing: bool, add_special: bool, num_proc: int):
-    """A ``datasets.Dataset`` of fixed-length rows {input_ids, idx}; only a final partial block is right-padded."""
+def _tokenize_and_pack(texts: list[str], tok, seq_len: int, packing: bool, add_special: bool, num_proc: int,
+                       document_ids: bool = False):
+    """A ``datasets.Dataset`` of fixed-length rows {input_ids, idx}; only a final partial block is right-padded.
+    ``document_ids``: also {document_ids}, the document of each position (numbered within each packing batch;
+    only equality within a row matters), for document-masked attention (``tdlm/sequences.py``)."""
     import datasets
 
     bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
@@ -293,6 +296,11 @@ def _tokenize_and_pack(texts: list[str], tok, seq_len: int, packing: bool, add_s
             return {"input_ids": [pad_row(x[:seq_len]) for x in batch["ids"]]}
         flat = [t for x in batch["ids"] for t in x]
         rows = [flat[i:i + seq_len] for i in range(0, len(flat), seq_len)]
+        if document_ids:
+            docs = [d for d, x in enumerate(batch["ids"]) for _ in x]
+            cuts = [docs[i:i + seq_len] for i in range(0, len(docs), seq_len)]
+            return {"input_ids": [pad_row(r) for r in rows], "document_ids": [c + [-1] * (seq_len - len(c))
+                                                                               for c in cuts]}
         return {"input_ids": [pad_row(r) for r in rows]}
 
     ds = datasets.Dataset.from_dict({"text": texts})
@@ -307,6 +315,11 @@ def _fingerprint(cfg: DataSection) -> str:
             "packing", "val_fraction", "max_documents", "markov_order", "markov_symbols", "markov_tokens",
             "markov_concentration", "seed")
     d = {k: asdict(cfg)[k] for k in keys}
+    # keys added later enter only when set, so the caches of data configs without them stay valid
+    if cfg.document_mask:
+        d["document_mask"] = True
+    if cfg.source == "sft":
+        d.update(sft_padding=cfg.sft_padding, sft_template=cfg.sft_template, sft_overlong=cfg.sft_overlong)
     # every file read, so a file added to (or edited in) a data.paths directory makes a new cache entry
     files = data_files(cfg) if cfg.source == "files" else [Path(p) for p in cfg.paths]
     d["paths"] = [(str(p), p.stat().st_mtime_ns if p.exists() else 0) for p in files]
@@ -321,6 +334,16 @@ def prepare_dataset(cfg: DataSection, out_dir: str | Path | None = None, log=pri
     out = Path(out_dir) if out_dir else Path(cfg.cache_dir) / _fingerprint(cfg)
     if (out / "info.json").is_file():
         return out
+    if cfg.source == "sft":
+        from tdlm.sft import build_sft_splits
+
+        def tok_factory(texts):
+            return train_bpe_tokenizer(texts, cfg.vocab_size) if cfg.tokenizer == "train" else \
+                load_pretrained_tokenizer(cfg.tokenizer)
+
+        tok, splits, info = build_sft_splits(cfg, tok_factory, log)
+        info["seq_len"] = cfg.seq_len
+        return save_prepared(out, splits, tok, info)
     train, val = raw_splits(cfg)
     info = {"source": cfg.source, "num_train_documents": len(train), "num_val_documents": len(val),
             "seq_len": cfg.seq_len}
@@ -335,11 +358,19 @@ def prepare_dataset(cfg: DataSection, out_dir: str | Path | None = None, log=pri
         tok = load_pretrained_tokenizer(cfg.tokenizer)
     add_special = cfg.source != "markov"
     log(f"tokenizing {len(train)} train / {len(val)} validation documents (vocab {len(tok)})")
+    splits = {name: _tokenize_and_pack(texts, tok, cfg.seq_len, cfg.packing, add_special, cfg.num_proc,
+                                       document_ids=cfg.document_mask)
+              for name, texts in (("train", train), ("validation", val))}
+    return save_prepared(out, splits, tok, info)
+
+
+def save_prepared(out: Path, splits: dict, tok, info: dict) -> Path:
+    """Write ``<out>/{train,validation,tokenizer,info.json}`` through a temporary directory (a concurrent writer
+    that finished first wins); returns ``out``."""
     tmp = out.with_name(out.name + ".tmp")
-    for name, texts in (("train", train), ("validation", val)):
-        ds = _tokenize_and_pack(texts, tok, cfg.seq_len, cfg.packing, add_special, cfg.num_proc)
+    for name, ds in splits.items():
         if len(ds) == 0:
-            raise ConfigError(f"data: the {name} split produced no blocks of data.seq_len={cfg.seq_len}")
+            raise ConfigError(f"data: the {name} split produced no blocks of data.seq_len={info['seq_len']}")
         ds.save_to_disk(str(tmp / name))
         info[f"num_{name}_blocks"] = len(ds)
         if name == "train":
@@ -423,6 +454,9 @@ class Collator:
     def __call__(self, rows):
         ids = torch.stack([r["input_ids"] for r in rows]).long()
         batch = {"input_ids": ids, "idx": torch.stack([r["idx"] for r in rows]).long()}
+        for key, dtype in (("loss_mask", torch.bool), ("document_ids", torch.long)):  # SFT, document masks
+            if key in rows[0]:
+                batch[key] = torch.stack([torch.as_tensor(r[key]) for r in rows]).to(dtype)
         valid = ids != self.pad
         if not bool(valid.all()):
             batch["attention_mask"] = valid

@@ -134,23 +134,26 @@ def ar_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.
     return nll * tgt_valid, tgt_valid
 
 
-def exact_nelbo(logprob_fn, x: torch.Tensor, mask_token_id: int, t_min: float = 0.0) -> float:
+def exact_nelbo(logprob_fn, x: torch.Tensor, mask_token_id: int, t_min: float = 0.0,
+                positions: list[int] | None = None) -> float:
     """Exact continuous-time NELBO (linear schedule) of one short sequence by enumerating every mask set M.
 
     With t ~ U[0,1], P(M) = t^|M| (1-t)^(L-|M|) and w = 1/t, so the integral gives the Beta function
     B(|M|, L-|M|+1) = (|M|-1)! (L-|M|)! / L!. For t_min > 0 the integral runs over [t_min, 1] only and is
     divided by (1 - t_min), i.e. exactly what E_{t ~ U[t_min,1]} of the Monte-Carlo estimator targets.
-    ``logprob_fn(z) -> (L, V)`` log-probabilities for the partially masked sequence z.
+    ``logprob_fn(z) -> (L, V)`` log-probabilities for the partially masked sequence z. ``positions``: only these
+    are ever masked (the others, an SFT prompt, stay clean): the conditional NELBO, L = len(positions).
     """
     from scipy.special import beta, betainc
 
-    L = x.numel()
+    maskable = list(range(x.numel())) if positions is None else list(positions)
+    L = len(maskable)
     total = 0.0
     for k in range(1, L + 1):
         coef = beta(k, L - k + 1)
         if t_min > 0:
             coef = coef * (1.0 - betainc(k, L - k + 1, t_min)) / (1.0 - t_min)
-        for M in combinations(range(L), k):
+        for M in combinations(maskable, k):
             z = x.clone()
             idx = torch.tensor(M)
             z[idx] = mask_token_id

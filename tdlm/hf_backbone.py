@@ -114,13 +114,20 @@ class HFBackbone(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ forward
     def _attention_mask(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype):
-        """The mask the HF model gets: 2D (or none) where it keeps its own attention; for an adapted causal LM a 4D
-        additive mask (B, 1, L, L), which HF models use as given: 0 where a query may attend, dtype-min elsewhere."""
-        if not self.bidirectional:
+        """The mask the HF model gets: 2D (or none) where it keeps its own attention; for an adapted causal LM, or
+        a boolean pair mask (B, L, L) / (B, 1, L, L) (document-masked packing), a 4D additive mask (B, 1, L, L),
+        which HF models use as given: 0 where a query may attend, dtype-min elsewhere (a causal LM kept causal
+        gets the causal mask ANDed in here, as tdlm's backbone does)."""
+        pair = attention_mask is not None and attention_mask.dim() > 2
+        if not self.bidirectional and not pair:
             return attention_mask
         B, L = ids.shape
         allowed = torch.ones(B, 1, L, L, dtype=torch.bool, device=ids.device)
-        if attention_mask is not None:
+        if pair:
+            allowed = allowed & (attention_mask.bool() if attention_mask.dim() == 4 else attention_mask.bool()[:, None])
+            if self.adaptation.causal:
+                allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+        elif attention_mask is not None:
             allowed = allowed & attention_mask.bool()[:, None, None, :]
         if self.anneal_pattern is not None:
             allowed = allowed & self.anneal_pattern[:L, :L].to(ids.device)
@@ -134,6 +141,10 @@ class HFBackbone(nn.Module):
     def _call(self, ids, attention_mask, **kwargs):
         """The HF model's output (an object with ``logits``; a bare tensor or tuple from some remote code)."""
         a = self.adaptation
+        if a.interface in ("timesteps", "logits") and (
+                attention_mask is not None and attention_mask.dim() > 2 or "position_ids" in kwargs):
+            raise ValueError(f"document-masked attention needs a masked or causal Hugging Face model; the "
+                             f"remote-code {a.interface} interface takes no pair mask or positions")
         if a.interface == "timesteps":
             # MDLM/DUO _process_sigma: sigma is zeroed when the model has no time conditioning (refused otherwise)
             out = self.hf(input_ids=ids, timesteps=torch.zeros(ids.shape[0], device=ids.device))
@@ -159,22 +170,32 @@ class HFBackbone(nn.Module):
         return logits
 
     def forward(self, input_ids, attention_mask=None, logits_mask=None, return_attention: bool = False,
-                return_all_hidden: bool = False, logits_index=None):
-        """As ``TdlmForMaskedOrCausalLM.forward``: logits (B, L, V), or at ``logits_mask`` / ``logits_index``."""
+                return_all_hidden: bool = False, logits_index=None, position_ids=None):
+        """As ``TdlmForMaskedOrCausalLM.forward``: logits (B, L, V), or at ``logits_mask`` / ``logits_index``;
+        ``position_ids`` (B, L) go to the HF model's own argument (masked and causal families)."""
         if return_attention or return_all_hidden:
-            out = self.hidden_states(input_ids, attention_mask, return_attention, return_all_hidden)
-            out["logits"] = self._select(out.pop("_logits"), input_ids.shape, logits_mask, logits_index)
+            out = self.hidden_states(input_ids, attention_mask, return_attention, return_all_hidden, position_ids)
+            out["logits"] = self._select(out.pop("_logits"), input_ids.shape, logits_mask, logits_index,
+                                         position_ids)
             return out
-        logits = self._logits_of(self._call(input_ids, attention_mask))
-        return self._select(logits, input_ids.shape, logits_mask, logits_index)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        logits = self._logits_of(self._call(input_ids, attention_mask, **extra))
+        return self._select(logits, input_ids.shape, logits_mask, logits_index, position_ids)
 
-    def _select(self, logits, shape, logits_mask, logits_index):
-        """Shift (position i <- hidden state i-1; position 0 keeps its own), select positions, then SUBS."""
+    def _select(self, logits, shape, logits_mask, logits_index, position_ids=None):
+        """Shift (position i <- hidden state i-1; a sequence's first position keeps its own: position 0, or with
+        ``position_ids`` every document start), select positions, then SUBS."""
         B, L = shape
         V = logits.shape[-1]
         shift = self.adaptation.shift_logits and not self.adaptation.causal
         if logits_index is None and logits_mask is not None:
             logits_index = logits_mask.flatten().nonzero().squeeze(1)
+        if shift and position_ids is not None:  # document starts keep their own hidden state, as position 0 does
+            flat = torch.arange(B * L, device=logits.device)
+            src_all = flat - (position_ids.expand(B, L).flatten() != 0).long()
+            src = src_all if logits_index is None else src_all.index_select(0, logits_index)
+            return self._finish(logits.reshape(B * L, V).index_select(0, src).view(
+                (B, L, V) if logits_index is None else (-1, V)))
         if logits_index is None:
             if shift:
                 logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
@@ -183,7 +204,7 @@ class HFBackbone(nn.Module):
         return self._finish(logits.reshape(B * L, V).index_select(0, src))
 
     def hidden_states(self, input_ids, attention_mask=None, return_attention: bool = False,
-                      return_all_hidden: bool = False):
+                      return_all_hidden: bool = False, position_ids=None):
         """Every layer's output and, on request, its attention probabilities, from the model's own
         ``output_hidden_states`` / ``output_attentions`` under eager attention (SDPA cannot return them)."""
         if not self.supports_attention_probs:
@@ -193,7 +214,9 @@ class HFBackbone(nn.Module):
         if return_attention and before != "eager":
             base.set_attn_implementation("eager")
         try:
-            out = self._call(input_ids, attention_mask, output_hidden_states=True, output_attentions=return_attention)
+            extra = {} if position_ids is None else {"position_ids": position_ids}
+            out = self._call(input_ids, attention_mask, output_hidden_states=True, output_attentions=return_attention,
+                             **extra)
         finally:
             if base.config._attn_implementation != before:
                 base.set_attn_implementation(before)
@@ -235,6 +258,10 @@ def _auto_config(path: str, trust_remote_code: bool, key: str = "model.pretraine
         raise ConfigError(f"{key}: {path} holds no model (no config.json)")
     if config_file.is_file():
         raw = json.loads(config_file.read_text())
+        if raw.get("model_type") == "tdlm":  # tdlm's own model/: its config class is not registered with AutoConfig
+            from tdlm.model import TdlmConfig
+
+            return TdlmConfig.from_pretrained(path)
         if raw.get("auto_map") and not trust_remote_code:
             raise ConfigError(f"{key}: {path} ships its own modelling code ({', '.join(raw['auto_map'].values())}); "
                               f"set model.trust_remote_code=true to run it")

@@ -37,6 +37,7 @@ from .diffusion import NoiseSchedule, noise_mask
 from .engine.randomness import keyed_generator
 from .noise import exact_k_mask, exact_k_weight
 from .objective import autoregressive_outputs, masked_diffusion_outputs, sequence_sums
+from .sequences import batch_positions, resolve_never_mask
 
 ESTIMATORS = ("stratified", "iid", "exact-k")
 
@@ -95,18 +96,20 @@ class NelboEstimator:
 
 @torch.no_grad()
 def sequence_nelbo(model, ids: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, mask_token_id: int,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence weighted CE over masked positions, (B,) float64: ``tdlm.objective``, as in training."""
     positions = masked.flatten().nonzero().squeeze(1)
     # ``valid`` only sets the outputs' token count, which the NELBO column does not use
-    out = masked_diffusion_outputs(model, ids, masked, masked, positions, weight, mask_token_id, attention_mask)
+    out = masked_diffusion_outputs(model, ids, masked, masked, positions, weight, mask_token_id, attention_mask,
+                                   position_ids=position_ids)
     return sequence_sums(out)[:, 0]
 
 
 @torch.no_grad()
-def sequence_ar_nll(model, ids: torch.Tensor, valid: torch.Tensor, attention_mask=None):
+def sequence_ar_nll(model, ids: torch.Tensor, valid: torch.Tensor, attention_mask=None, position_ids=None):
     """Exact next-token NLL per sequence (B,) float64 and its number of targets (B,)."""
-    sums = sequence_sums(autoregressive_outputs(model, ids, valid, attention_mask))
+    sums = sequence_sums(autoregressive_outputs(model, ids, valid, attention_mask, position_ids))
     return sums[:, 0], sums[:, 1]
 
 
@@ -135,8 +138,11 @@ def summarize(rows: torch.Tensor) -> LikelihoodResult:
 
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator, pad_token_id: int, mask_token_id: int, causal: bool,
-             estimator: NelboEstimator | None = None, passes: int = 1) -> LikelihoodResult:
-    """NELBO (or exact AR NLL) per valid token over a prepared dataloader of {input_ids, idx[, attention_mask]}.
+             estimator: NelboEstimator | None = None, passes: int = 1,
+             never_mask_ids: tuple[int, ...] = ()) -> LikelihoodResult:
+    """NELBO (or exact AR NLL) per eligible token over a prepared dataloader of {input_ids, idx[, attention_mask,
+    loss_mask, document_ids]}: the positions ``tdlm.sequences.batch_positions`` makes eligible, as in training
+    (an SFT row's response: the conditional bound).
 
     Every process evaluates its shard; per-sequence sums are gathered (``gather_for_metrics`` drops the rows
     Accelerate repeats to even out shards) and every process returns the same result.
@@ -145,14 +151,14 @@ def evaluate(model, dataloader, accelerator, pad_token_id: int, mask_token_id: i
     gathered = []
     for batch in dataloader:
         ids, idx = batch["input_ids"], batch["idx"]
-        attn = batch.get("attention_mask")
-        valid = ids != pad_token_id
+        pos = batch_positions(batch, pad_token_id, never_mask_ids, causal)
+        attn, valid, where = pos.attention_mask, pos.eligible, pos.position_ids
         if causal:
-            nll, n_tgt = sequence_ar_nll(model, ids, valid, attn)
+            nll, n_tgt = sequence_ar_nll(model, ids, valid, attn, where)
             sums, tokens = nll[:, None], n_tgt
         else:
-            sums = torch.stack([sequence_nelbo(model, ids, *estimator.noise(valid, idx, p), mask_token_id, attn)
-                                for p in range(passes)], 1)  # (B, K)
+            sums = torch.stack([sequence_nelbo(model, ids, *estimator.noise(valid, idx, p), mask_token_id, attn,
+                                               where) for p in range(passes)], 1)  # (B, K)
             tokens = valid.double().sum(1)
         rows = torch.cat([idx.double()[:, None], tokens[:, None], sums], 1)  # (B, 2 + K)
         gathered.append(accelerator.gather_for_metrics(rows).cpu())
@@ -204,7 +210,9 @@ def score_rows(ck, ds, accelerator, estimator: str = "stratified", passes: int =
     if not ck.causal:
         est = NelboEstimator(estimator, noise_schedule(mc), t_min, seed, len(ds))
     passes = 1 if ck.causal else passes
-    res = evaluate(model, dl, accelerator, tok.pad_token_id, tok.mask_token_id, ck.causal, est, passes)
+    # the run's never-masked tokens (config.yaml beside the checkpoint); none for a bare model directory
+    never = resolve_never_mask(ck.config.diffusion.never_mask, tok) if ck.config is not None else ()
+    res = evaluate(model, dl, accelerator, tok.pad_token_id, tok.mask_token_id, ck.causal, est, passes, never)
     del model, dl  # prepared objects must not outlive the accelerator (gloo teardown)
     recipe = {"kind": "exact" if ck.causal else "bound", "mc_passes": passes,
               "estimator": "exact-autoregressive" if ck.causal else estimator, "seed": seed,

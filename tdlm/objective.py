@@ -34,32 +34,51 @@ class StepOutputs:
     logits: torch.Tensor | None = None       # (M, V) logits of masked tokens (AR: (B, L, V))
     positions: torch.Tensor | None = None    # (M,) flat index b * L + i of each masked token, row-major
     t_ratio: torch.Tensor | None = None      # (B,) p(t) / q(t) of an importance-sampled t (None: 1)
+    attention_mask: torch.Tensor | None = None   # what the model attended with: (B, L) keys or (B, L, L) pairs
+    # (all True when it attended everything; None: not recorded, read as ``valid``)
+    position_ids: torch.Tensor | None = None     # (B, L) RoPE positions of document-masked rows (None: 0..L-1)
 
 
 def masked_diffusion_outputs(model, ids: torch.Tensor, valid: torch.Tensor, masked: torch.Tensor,
                              positions: torch.Tensor, weight: torch.Tensor, mask_token_id: int,
                              attention_mask: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                             clip_weight: float = 0.0, t_ratio: torch.Tensor | None = None) -> StepOutputs:
+                             clip_weight: float = 0.0, t_ratio: torch.Tensor | None = None,
+                             position_ids: torch.Tensor | None = None) -> StepOutputs:
     """The weighted CE of the masked tokens. ``masked`` (B, L) bool and ``positions`` (M,) (its flat row-major
     indices, passed so a caller that built them on the host needs no device sync); ``weight`` (B,) per sequence.
     The model projects onto the vocabulary at the masked positions only. ``clip_weight`` > 0 clips the weight in
     ``loss_sum`` (a biased gradient); ``sequence_sums`` always uses the true weight. The weight is the estimator's
-    (``tdlm/noise.py``): w(t), (L/k) c_k, or w(t) p(t)/q(t)."""
+    (``tdlm/noise.py``): w(t), (L/k) c_k, or w(t) p(t)/q(t). ``valid`` is the eligible positions (the
+    denominator; ``tdlm.sequences.batch_positions``); ``position_ids`` the RoPE positions of document-masked rows."""
     noisy = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
-    logits = model(noisy, attention_mask, logits_index=positions)  # (M, V)
+    logits = model(noisy, attention_mask, logits_index=positions, **_positions_kw(position_ids))  # (M, V)
     ce = diffusion_token_losses(logits, ids.flatten()[positions])
     w = weight[positions // ids.shape[1]]
     if clip_weight > 0:
         w = w.clamp(max=clip_weight)
-    return StepOutputs((w * ce).sum(), valid.sum(), ids, valid, masked, t, weight, ce, logits, positions, t_ratio)
+    return StepOutputs((w * ce).sum(), valid.sum(), ids, valid, masked, t, weight, ce, logits, positions, t_ratio,
+                       _attended(attention_mask, ids), position_ids)
+
+
+def _attended(attention_mask: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """The attention a forward used, for the collectors that run the model again (all True for none)."""
+    return torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask
+
+
+def _positions_kw(position_ids: torch.Tensor | None) -> dict:
+    """Position ids only when given: a backbone without the argument is called as before."""
+    return {} if position_ids is None else {"position_ids": position_ids}
 
 
 def autoregressive_outputs(model, ids: torch.Tensor, valid: torch.Tensor,
-                           attention_mask: torch.Tensor | None = None) -> StepOutputs:
-    """Next-token NLL: position i predicts i + 1; pads are never targets."""
-    logits = model(ids, attention_mask)
+                           attention_mask: torch.Tensor | None = None,
+                           position_ids: torch.Tensor | None = None) -> StepOutputs:
+    """Next-token NLL: position i predicts i + 1; only ``valid`` (eligible) positions are targets, so pads, an SFT
+    prompt and never-masked tokens never are."""
+    logits = model(ids, attention_mask, **_positions_kw(position_ids))
     nll, tgt_valid = ar_token_losses(logits, ids, valid)
-    return StepOutputs(nll.sum(), tgt_valid.sum(), ids, valid, token_ce=nll, logits=logits)
+    return StepOutputs(nll.sum(), tgt_valid.sum(), ids, valid, token_ce=nll, logits=logits,
+                       attention_mask=_attended(attention_mask, ids), position_ids=position_ids)
 
 
 def sequence_sums(out: StepOutputs) -> torch.Tensor:

@@ -28,6 +28,7 @@ from tdlm.model import TdlmForMaskedOrCausalLM, build_model
 from tdlm.noise import TrainingNoise
 from tdlm.objective import (StepOutputs, autoregressive_outputs, masked_diffusion_outputs, reported_sum,
                             sequence_sums)
+from tdlm.sequences import BatchPositions, RandomLength, batch_positions, resolve_never_mask
 
 VALIDATION_SALT = 424242  # keeps the fixed validation noise apart from every training step's stream
 ANNEAL_SALT = 515151  # the attention-annealing patterns' stream, apart from the masking noise
@@ -96,6 +97,17 @@ class TextTask(Task):
         self.flops_per_unit = training_flops_per_token(matmul_params(self.model), self.model.config.num_layers,
                                                        cfg.data.seq_len, hidden)
         self.val_noise: tuple[torch.Tensor, ...] = ()
+        self.never_mask = resolve_never_mask(cfg.diffusion.never_mask, tok)
+        if cfg.data.random_length_prob > 0:  # training rows only: validation scores whole rows
+            self.train_set = RandomLength(self.train_set, cfg.data.random_length_prob, self.pad_id, cfg.trainer.seed)
+        interface = getattr(getattr(self.model, "adaptation", None), "interface", None)
+        if cfg.data.document_mask and interface in ("timesteps", "logits"):
+            raise ConfigError(f"data.document_mask: needs position_ids and pair masks, which the remote-code "
+                              f"{interface} interface of model.pretrained={cfg.model.pretrained} does not take")
+
+    def positions(self, batch) -> BatchPositions:
+        """Which positions are attended, noised and scored (``tdlm/sequences.py``)."""
+        return batch_positions(batch, self.pad_id, self.never_mask, self.cfg.model.causal)
 
     def _limit_unique_tokens(self, budget: int) -> int:
         """Keep the first training rows that hold ``budget`` valid tokens (0: all); the valid tokens kept."""
@@ -223,6 +235,8 @@ class TextTask(Task):
         c = self.cfg
         if "val/perplexity" in result:
             kind = "exact perplexity (AR)" if c.model.causal else "perplexity bound (NELBO)"
+            if c.data.source == "sft":
+                kind = "conditional " + kind + " of the responses"
             print(f"validation {kind}: {result['val/perplexity']:.3f}   val/loss {result['val/loss']:.4f} "
                   f"nats/token   steps {result['summary/total_steps']}   run dir {c.run_dir}")
         if c.sample.at_end:
@@ -255,18 +269,20 @@ class MaskedDiffusionTask(TextTask):
         return self.noise.draw(generator, rows, self.cfg.data.seq_len)
 
     def num_targets(self, batch):
-        return (batch["input_ids"] != self.pad_id).sum()
+        return self.positions(batch).eligible.sum()
 
     def outputs(self, model, batch, noise, clip_weight=0.0, validation=False):
         """No host sync on a GPU: a packed batch (no padding, so no ``attention_mask``) is masked on the host,
         where the noise is, and the masked positions go to the device as an index of known length, by
         asynchronous copies from pinned memory. A padded batch needs the device's pad mask, so it is masked
-        there and its masked count is read back (one sync); exact-k ranks the valid positions on the host."""
+        there and its masked count is read back (one sync); exact-k ranks the valid positions on the host. So is
+        a batch with an SFT prompt, never-masked tokens or documents: only eligible positions are noised and
+        scored (``tdlm/sequences.py``)."""
         estimator = self.val_estimator if validation else self.noise
-        ids, attn = batch["input_ids"], batch.get("attention_mask")
-        valid = ids != self.pad_id
-        if attn is None or estimator.estimator == "exact-k":  # on the host
-            masked, t, weight, ratio = estimator.mask(*noise, None if attn is None else valid.cpu())
+        ids, pos = batch["input_ids"], batch_positions(batch, self.pad_id, self.never_mask)
+        attn, valid = pos.attention_mask, pos.eligible  # eligible: not a pad, prompt or never-masked token
+        if pos.all_eligible or estimator.estimator == "exact-k":  # on the host
+            masked, t, weight, ratio = estimator.mask(*noise, None if pos.all_eligible else valid.cpu())
             positions = masked.flatten().nonzero().squeeze(1)
             masked, positions, t, weight, ratio = (to_device(x, ids.device)
                                                    for x in (masked, positions, t, weight, ratio))
@@ -274,7 +290,7 @@ class MaskedDiffusionTask(TextTask):
             masked, t, weight, ratio = estimator.mask(*(to_device(x, ids.device) for x in noise), valid)
             positions = masked.flatten().nonzero().squeeze(1)
         return masked_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, attn, t,
-                                        clip_weight, ratio)
+                                        clip_weight, ratio, pos.position_ids)
 
     def sample(self, model, n, steps, seed=0):
         from tdlm.sampling import ancestral_sample
@@ -290,11 +306,11 @@ class AutoregressiveTask(TextTask):
     """The same backbone, causal: next-token NLL, exact perplexity; no noise."""
 
     def num_targets(self, batch):
-        return (batch["input_ids"][:, 1:] != self.pad_id).sum()
+        return self.positions(batch).eligible[:, 1:].sum()
 
     def outputs(self, model, batch, noise, clip_weight=0.0, validation=False):
-        ids = batch["input_ids"]
-        return autoregressive_outputs(model, ids, ids != self.pad_id, batch.get("attention_mask"))
+        pos = batch_positions(batch, self.pad_id, self.never_mask, causal=True)
+        return autoregressive_outputs(model, batch["input_ids"], pos.eligible, pos.attention_mask, pos.position_ids)
 
     def sample(self, model, n, steps, seed=0):
         from tdlm.sampling import SamplerConfig, ar_generate

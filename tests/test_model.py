@@ -96,7 +96,7 @@ def test_trainer_loss_matches_plain_reference(padded):
     valid tokens; for a packed batch (masked on the host) and a padded one (masked on the device)."""
     model = tiny_model()
     # what the loss path reads of its task
-    task = SimpleNamespace(pad_id=1, mask_id=0, noise=TrainingNoise("bernoulli", make_schedule("linear"), 1e-3))
+    task = SimpleNamespace(pad_id=1, mask_id=0, never_mask=(), noise=TrainingNoise("bernoulli", make_schedule("linear"), 1e-3))
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(2, 97, (4, 16), generator=g)
     if padded:
@@ -137,7 +137,7 @@ def test_training_step_reads_nothing_back_from_the_device():
 
     model = tiny_model().to("meta")
     cfg = RunConfig()
-    task = SimpleNamespace(pad_id=1, mask_id=0, noise=TrainingNoise("bernoulli", make_schedule("linear"), 1e-3))
+    task = SimpleNamespace(pad_id=1, mask_id=0, never_mask=(), noise=TrainingNoise("bernoulli", make_schedule("linear"), 1e-3))
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(2, 97, (4, 16), generator=g).to("meta")
     t, u = sample_t(4, 1e-3, True, g), torch.rand(4, 16, generator=g)

@@ -26,8 +26,8 @@ def test_training_loss_is_unbiased_for_the_exact_nelbo(estimator):
     3 standard errors: the loss path the trainer runs (``MaskedDiffusionTask.outputs``), iid draws."""
     t_min, n, chunks = 1e-3, 4000, 5
     model = Wrapped().eval()
-    task = SimpleNamespace(pad_id=PAD, mask_id=MASK, noise=TrainingNoise(estimator, make_schedule("linear"), t_min,
-                                                                          stratified=False))
+    task = SimpleNamespace(pad_id=PAD, mask_id=MASK, never_mask=(),
+                           noise=TrainingNoise(estimator, make_schedule("linear"), t_min, stratified=False))
     g = torch.Generator().manual_seed(11)
     rows = []
     with torch.no_grad():
@@ -49,7 +49,7 @@ def test_exact_k_and_importance_spread_less_than_bernoulli():
     importance proposal is below the Bernoulli estimator's on the tiny denoiser."""
     model, spread = Wrapped().eval(), {}
     for estimator in ("bernoulli", "exact-k", "importance"):
-        task = SimpleNamespace(pad_id=PAD, mask_id=MASK,
+        task = SimpleNamespace(pad_id=PAD, mask_id=MASK, never_mask=(),
                                noise=TrainingNoise(estimator, make_schedule("linear"), 1e-3, stratified=False))
         noise = task.noise.draw(torch.Generator().manual_seed(5), 20000, X.numel())
         with torch.no_grad():

@@ -153,7 +153,9 @@ class MaskAccuracy(Collector):
     """Over the window: the fraction of masked tokens whose argmax prediction is the clean token; masked tokens
     per optimizer step (global batch, window mean); valid (non-pad) positions / all positions. The metric design's
     "valid to total masked" would be identically 1 here (masking never selects a pad), so ``valid_ratio`` is
-    the padding share the metric design's reading ("low values indicate padding issues") describes.
+    the padding share the metric design's reading ("low values indicate padding issues") describes. Valid means
+    eligible for the noise and the loss (``tdlm/sequences.py``): an SFT prompt, a never-masked token and the tail
+    of a row cut by ``data.random_length_prob`` are not.
 
     The accuracy is the one the NELBO's t ~ U[t_min, 1] sees, whatever ``diffusion.estimator`` draws: a token of
     an importance-sampled row counts with weight p(t)/q(t) (self-normalised). Unweighted, the proposal's extra
@@ -163,7 +165,8 @@ class MaskAccuracy(Collector):
     needs = ("logits", "mask")
     metrics = (MetricSpec("metrics/mask_accuracy", "fraction", "masked tokens predicted exactly (argmax)", "max"),
                MetricSpec("metrics/total_masked_tokens", "tokens/step", "masked tokens per global batch"),
-               MetricSpec("metrics/valid_ratio", "fraction", "valid (non-pad) positions / all positions"))
+               MetricSpec("metrics/valid_ratio", "fraction", "valid (eligible: non-pad, not an SFT prompt) "
+                                                           "positions / all positions"))
 
     def __init__(self, **ctx):
         super().__init__()
@@ -374,7 +377,8 @@ class ModelProbe(Collector):
     old name). hidden_state_norm_layer{i}: mean L2 norm of block i's output at valid positions;
     hidden_state_norm: the last block's (before the final norm). sequence_diversity: per sequence,
     1 − mean cosine similarity between the last block's outputs at distinct valid positions, averaged over
-    sequences (0 = every position alike)."""
+    sequences (0 = every position alike); with document-masked packing each document is a sequence. The probe
+    attends as the objective did (its pair mask and positions)."""
 
     tier = "advanced"
     window = False
@@ -406,7 +410,10 @@ class ModelProbe(Collector):
         model.eval()
         for a in range(0, B, rows):
             v = out.valid[a:a + rows]
-            res = model.hidden_states(ids[a:a + rows], v, return_attention=True, return_all_hidden=True)
+            # attended as in the objective (pads out; an SFT prompt in; documents apart), statistics over ``v``
+            attn = v if out.attention_mask is None else out.attention_mask[a:a + rows]
+            extra = {} if out.position_ids is None else {"position_ids": out.position_ids[a:a + rows]}
+            res = model.hidden_states(ids[a:a + rows], attn, return_attention=True, return_all_hidden=True, **extra)
             for i, (p, h) in enumerate(zip(res["attentions"], res["all_hidden"])):
                 e, n = Fm.attention_entropy_sums(p, v, v)
                 self.ent[i] += e
@@ -414,7 +421,15 @@ class ModelProbe(Collector):
                 s, n = Fm.vector_norm_sums(h, v)
                 self.norm[i] += s
                 self.norm_n[i] += n
-            d, n = Fm.sequence_diversity_sums(res["all_hidden"][-1], v)
+            last = res["all_hidden"][-1]
+            if out.position_ids is None:
+                d, n = Fm.sequence_diversity_sums(last, v)
+            else:  # document-masked rows: each document is a sequence of its own (it starts at position 0)
+                doc = (out.position_ids[a:a + rows] == 0).long().cumsum(1)
+                d, n = _zeros(), _zeros()
+                for k in range(1, int(doc.max()) + 1):  # a host sync, on the advanced tier's rare steps only
+                    dk, nk = Fm.sequence_diversity_sums(last, v & (doc == k))
+                    d, n = d + dk, n + nk
             self.div += d
             self.div_n += n
         model.train(was_training)
