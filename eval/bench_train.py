@@ -131,8 +131,8 @@ def make_step(model, loss_fn, optim_cfg: OptimSection, amp: torch.dtype | None):
 def task_stub(causal: bool = False) -> SimpleNamespace:
     """What the text tasks' loss path (``outputs``) reads from its task, without building one (no data, no
     accelerator), and that path."""
-    return SimpleNamespace(pad_id=PAD_ID, mask_id=MASK_ID, outputs=(AutoregressiveTask if causal else
-                                                                     MaskedDiffusionTask).outputs,
+    outputs = (AutoregressiveTask if causal else MaskedDiffusionTask).outputs
+    return SimpleNamespace(pad_id=PAD_ID, mask_id=MASK_ID, never_mask=(), outputs=outputs,
                            noise=TrainingNoise("bernoulli", make_schedule("linear"), 1e-3))
 
 

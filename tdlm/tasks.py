@@ -93,9 +93,9 @@ class TextTask(Task):
         self.train_set, self.collate_fn = self.data.train, Collator(self.pad_id)
         self.unique_tokens = self._limit_unique_tokens(cfg.data.unique_tokens)
         self.units_per_row = cfg.data.seq_len
-        hidden = self.model.get_input_embeddings().embedding_dim
-        self.flops_per_unit = training_flops_per_token(matmul_params(self.model), self.model.config.num_layers,
-                                                       cfg.data.seq_len, hidden)
+        c = self.model.config  # tdlm's own, or an HF backbone's BackboneConfig with the same field names
+        self.flops_per_unit = training_flops_per_token(matmul_params(self.model), c.num_layers, cfg.data.seq_len,
+                                                       c.hidden_size)
         self.val_noise: tuple[torch.Tensor, ...] = ()
         self.never_mask = resolve_never_mask(cfg.diffusion.never_mask, tok)
         if cfg.data.random_length_prob > 0:  # training rows only: validation scores whole rows
