@@ -98,6 +98,10 @@ class DiffusionSection:
     importance (t from q ∝ t^-proposal_power, w(t) p/q). Validation always scores the same Bernoulli noise."""
     proposal_power: float = 0.5
     """a in [0, 1) of the importance proposal q(t) ∝ t^-a (0 = uniform: the Bernoulli estimator)."""
+    block_size: int = 0
+    """Block diffusion (BD3-LM): rows cut into blocks of this many tokens, each with its own t, denoised given the
+    clean blocks before it (``tdlm/objective.py``); 1 is autoregressive, 0 or data.seq_len plain MDLM. Must
+    divide data.seq_len; training runs one forward over 2 x seq_len tokens."""
 
 
 @dataclass
@@ -144,6 +148,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.diffusion.estimator != "bernoulli" and cfg.model.causal:
         raise ConfigError(f"diffusion.estimator: {cfg.diffusion.estimator} is a masked-diffusion estimator; an AR "
                           f"run (model.causal=true) draws no noise")
+    validate_block_size(cfg)
     if not 0.0 < cfg.diffusion.loglinear_eps < 1.0:
         raise ConfigError(f"diffusion.loglinear_eps: must be in (0, 1), got {cfg.diffusion.loglinear_eps}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
@@ -163,6 +168,23 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.data.source == "hub" and not cfg.data.hub_name:
         raise ConfigError("data.hub_name: source=hub needs a dataset name")
     return cfg
+
+
+def validate_block_size(cfg: RunConfig) -> None:
+    """``diffusion.block_size``: a divisor of data.seq_len (blocks tile every row), on tdlm's own bidirectional
+    backbone (the Hugging Face backbones take no block-causal pair mask yet)."""
+    bs, seq_len = cfg.diffusion.block_size, cfg.data.seq_len
+    if bs < 0:
+        raise ConfigError(f"diffusion.block_size: must be >= 0 (0 = plain MDLM), got {bs}")
+    if bs and seq_len % bs:
+        raise ConfigError(f"diffusion.block_size: {bs} does not divide data.seq_len {seq_len}; blocks must tile "
+                          f"every row (use a divisor of {seq_len})")
+    if bs and cfg.model.causal:
+        raise ConfigError(f"diffusion.block_size: {bs} needs a bidirectional denoiser, but model.causal=true "
+                          f"(block_size=1 is the autoregressive end of block diffusion)")
+    if bs and cfg.model.pretrained:
+        raise ConfigError(f"diffusion.block_size: {bs} is not supported with model.pretrained (a Hugging Face "
+                          f"backbone); use tdlm's own backbone")
 
 
 LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": list}

@@ -36,7 +36,8 @@ import torch
 from .diffusion import NoiseSchedule, noise_mask
 from .engine.randomness import keyed_generator
 from .noise import exact_k_mask, exact_k_weight
-from .objective import autoregressive_outputs, masked_diffusion_outputs, sequence_sums
+from .objective import (autoregressive_outputs, block_diffusion_outputs, effective_block_size,
+                        masked_diffusion_outputs, sequence_sums)
 
 ESTIMATORS = ("stratified", "iid", "exact-k")
 
@@ -49,7 +50,8 @@ def noise_generator(seed: int, pass_idx: int, index: int) -> torch.Generator:
 class NelboEstimator:
     """Draws the masking noise and the per-sequence weight for one of ``ESTIMATORS``."""
 
-    def __init__(self, name: str, schedule: NoiseSchedule, t_min: float, seed: int, num_sequences: int):
+    def __init__(self, name: str, schedule: NoiseSchedule, t_min: float, seed: int, num_sequences: int,
+                 block_size: int = 0):
         if name not in ESTIMATORS:
             raise ValueError(f"--estimator: unknown estimator {name!r}; valid: {', '.join(ESTIMATORS)}")
         if not 0.0 <= t_min < 1.0:
@@ -59,13 +61,15 @@ class NelboEstimator:
             raise ValueError(f"--t-min: the {name} estimator needs t_min > 0 (infinite variance at 0); "
                              f"exact-k works with t_min = 0")
         self.name, self.schedule, self.t_min, self.seed, self.n = name, schedule, t_min, seed, num_sequences
+        self.block_size = block_size  # block diffusion: every block of a sequence is one row of the estimator
         self._perms: dict[int, torch.Tensor] = {}
 
-    def _strata(self, pass_idx: int) -> torch.Tensor:
-        """Stratum of every sequence in this pass: one permutation of 0..N-1, the same on every process."""
+    def _strata(self, pass_idx: int, units: int) -> torch.Tensor:
+        """Stratum of every sequence (or block) in this pass: one permutation of 0..units-1, the same on every
+        process."""
         if pass_idx not in self._perms:
             g = keyed_generator(self.seed, 0, salt=pass_idx * 998_244_353 + 424_242)
-            self._perms[pass_idx] = torch.randperm(self.n, generator=g)
+            self._perms[pass_idx] = torch.randperm(units, generator=g)
         return self._perms[pass_idx]
 
     def exact_k_weight(self, k: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -74,31 +78,50 @@ class NelboEstimator:
         return exact_k_weight(k, length, self.schedule, self.t_min)
 
     def noise(self, valid: torch.Tensor, index: torch.Tensor, pass_idx: int):
-        """Masked positions (B, L) bool (never on pads) and per-sequence weights (B,) float64."""
+        """Masked positions (B, L) bool (never on pads) and per-sequence weights (B,) float64; with ``block_size``
+        per-block weights (B, L / L'): each block draws its own t (or k), strata over sequences x blocks."""
         B, L = valid.shape
+        nb = L // self.block_size if self.block_size else 1
         valid_cpu = valid.cpu()
-        # One draw of L + 1 uniforms per sequence from its own generator: u[:, 0] picks t (or k), u[:, 1:] the mask.
-        u = torch.stack([torch.rand(L + 1, generator=noise_generator(self.seed, pass_idx, i), dtype=torch.float64)
-                         for i in index.tolist()]) if B else torch.empty(0, L + 1, dtype=torch.float64)
+        # One draw of L + nb uniforms per sequence from its own generator: u[:, :nb] pick t (or k) of each block,
+        # u[:, nb:] the mask (nb = 1 without blocks).
+        u = torch.stack([torch.rand(L + nb, generator=noise_generator(self.seed, pass_idx, i), dtype=torch.float64)
+                         for i in index.tolist()]) if B else torch.empty(0, L + nb, dtype=torch.float64)
+        if nb > 1:
+            width = self.block_size
+            strata = index.cpu()[:, None] * nb + torch.arange(nb)  # (B, nb) unit of each block in 0..N*nb-1
+            masked, weight = self._rows_noise(u[:, :nb].reshape(-1), u[:, nb:].reshape(-1, width),
+                                              valid_cpu.reshape(-1, width), strata.reshape(-1), pass_idx, self.n * nb)
+            return masked.view(B, L).to(valid.device), weight.view(B, nb).to(valid.device)
+        masked, weight = self._rows_noise(u[:, 0], u[:, 1:], valid_cpu, index.cpu(), pass_idx, self.n)
+        return masked.to(valid.device), weight.to(valid.device)
+
+    def _rows_noise(self, u_first, u_mask, valid_cpu, unit, pass_idx: int, units: int):
+        """(masked, weight) of rows (sequences, or blocks) with uniforms ``u_first`` (N,), ``u_mask`` (N, L)."""
         if self.name == "exact-k":  # k ~ U{1..L_valid}, a uniformly random k-subset of the valid positions
-            masked, k = exact_k_mask(u[:, 0], u[:, 1:], valid_cpu)
+            masked, k = exact_k_mask(u_first, u_mask, valid_cpu)
             weight = self.exact_k_weight(k, valid_cpu.sum(1))
         else:
-            u_t = u[:, 0]
+            u_t = u_first
             if self.name == "stratified":
-                u_t = (self._strata(pass_idx)[index.cpu()].double() + u_t) / self.n
-            t = self.t_min + (1.0 - self.t_min) * u_t  # (B,) float64
-            masked = noise_mask(t, u[:, 1:], self.schedule, valid_cpu)
+                u_t = (self._strata(pass_idx, units)[unit].double() + u_t) / units
+            t = self.t_min + (1.0 - self.t_min) * u_t  # (N,) float64
+            masked = noise_mask(t, u_mask, self.schedule, valid_cpu)
             weight = self.schedule.weight(t)
-        return masked.to(valid.device), weight.to(valid.device)
+        return masked, weight
 
 
 @torch.no_grad()
 def sequence_nelbo(model, ids: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, mask_token_id: int,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sequence weighted CE over masked positions, (B,) float64: ``tdlm.objective``, as in training."""
+                   attention_mask: torch.Tensor | None = None, block_size: int = 0) -> torch.Tensor:
+    """Per-sequence weighted CE over masked positions, (B,) float64: ``tdlm.objective``, as in training (the
+    block NELBO with ``block_size``, ``weight`` then per block)."""
     positions = masked.flatten().nonzero().squeeze(1)
     # ``valid`` only sets the outputs' token count, which the NELBO column does not use
+    if block_size:
+        out = block_diffusion_outputs(model, ids, masked, masked, positions, weight, mask_token_id, block_size,
+                                      attention_mask)
+        return sequence_sums(out)[:, 0]
     out = masked_diffusion_outputs(model, ids, masked, masked, positions, weight, mask_token_id, attention_mask)
     return sequence_sums(out)[:, 0]
 
@@ -151,8 +174,8 @@ def evaluate(model, dataloader, accelerator, pad_token_id: int, mask_token_id: i
             nll, n_tgt = sequence_ar_nll(model, ids, valid, attn)
             sums, tokens = nll[:, None], n_tgt
         else:
-            sums = torch.stack([sequence_nelbo(model, ids, *estimator.noise(valid, idx, p), mask_token_id, attn)
-                                for p in range(passes)], 1)  # (B, K)
+            sums = torch.stack([sequence_nelbo(model, ids, *estimator.noise(valid, idx, p), mask_token_id, attn,
+                                               estimator.block_size) for p in range(passes)], 1)  # (B, K)
             tokens = valid.double().sum(1)
         rows = torch.cat([idx.double()[:, None], tokens[:, None], sums], 1)  # (B, 2 + K)
         gathered.append(accelerator.gather_for_metrics(rows).cpu())
@@ -202,13 +225,15 @@ def score_rows(ck, ds, accelerator, estimator: str = "stratified", passes: int =
     t_min = t_min if t_min is not None else mc.t_min
     est = None
     if not ck.causal:
-        est = NelboEstimator(estimator, noise_schedule(mc), t_min, seed, len(ds))
+        block_size = effective_block_size(getattr(mc, "block_size", 0), ds[0]["input_ids"].numel())
+        est = NelboEstimator(estimator, noise_schedule(mc), t_min, seed, len(ds), block_size)
     passes = 1 if ck.causal else passes
     res = evaluate(model, dl, accelerator, tok.pad_token_id, tok.mask_token_id, ck.causal, est, passes)
     del model, dl  # prepared objects must not outlive the accelerator (gloo teardown)
     recipe = {"kind": "exact" if ck.causal else "bound", "mc_passes": passes,
               "estimator": "exact-autoregressive" if ck.causal else estimator, "seed": seed,
-              "schedule": None if ck.causal else mc.schedule, "t_min": None if ck.causal else t_min}
+              "schedule": None if ck.causal else mc.schedule, "t_min": None if ck.causal else t_min,
+              "block_size": est.block_size if est else None}
     return res, recipe
 
 
@@ -230,5 +255,5 @@ def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: 
             "stderr": 0.0 if ck.causal else res.stderr, "mc_passes": recipe["mc_passes"],
             "estimator": recipe["estimator"], "num_tokens": res.num_tokens,
             "num_sequences": res.num_sequences, "seed": seed, "per_pass": res.per_pass,
-            "schedule": recipe["schedule"], "t_min": recipe["t_min"],
+            "schedule": recipe["schedule"], "t_min": recipe["t_min"], "block_size": recipe["block_size"],
             "num_processes": accelerator.num_processes}

@@ -127,3 +127,27 @@ class TrainingNoise:
             return noise_mask(t, uniforms, self.schedule, valid), t, self.schedule.weight(t) * ratio, ratio
         masked = noise_mask(first, uniforms, self.schedule, valid)
         return masked, first, self.schedule.weight(first.float()), torch.ones_like(first)
+
+
+class BlockTrainingNoise:
+    """Block diffusion's noise (BD3-LM): every block of ``block_size`` tokens is a row of the wrapped estimator,
+    so each block draws its own t_b (or k_b: exact-k applies per block) stratified over the global batch x
+    blocks, and gets its own weight. Returns what ``TrainingNoise`` does with (B, L / L') for t, weight, ratio."""
+
+    def __init__(self, inner: TrainingNoise, block_size: int):
+        self.inner, self.block_size = inner, block_size
+        self.estimator = inner.estimator
+
+    def draw(self, generator: torch.Generator, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first (rows, L / L'), uniforms (rows, L)): rows leading, so the engine slices them per micro-batch."""
+        blocks = length // self.block_size
+        first, uniforms = self.inner.draw(generator, rows * blocks, self.block_size)
+        return first.view(rows, blocks), uniforms.view(rows, length)
+
+    def mask(self, first: torch.Tensor, uniforms: torch.Tensor, valid: torch.Tensor | None = None):
+        """(masked (B, L), t, weight, ratio (B, L / L')): the wrapped estimator over the block rows."""
+        B, L = uniforms.shape
+        as_blocks = (lambda x: x.reshape(-1, self.block_size))
+        masked, t, weight, ratio = self.inner.mask(first.reshape(-1), as_blocks(uniforms),
+                                                   None if valid is None else as_blocks(valid))
+        return masked.view(B, L), t.view(B, -1), weight.view(B, -1), ratio.view(B, -1)

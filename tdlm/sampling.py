@@ -302,3 +302,100 @@ def sample_checkpoint(model, tokenizer, indices: list[int], cfg: SamplerConfig, 
         for i, row in zip(idx, ids.tolist()):
             out.append({"index": i, "ids": row, "text": tokenizer.decode(row, skip_special_tokens=True)})
     return out, calls
+
+
+# ------------------------------------------------------------------------------------------------ block diffusion
+# BD3-LM sampling: blocks of L' tokens left to right; inside a block any sampler above fills an all-[MASK] block
+# given the clean blocks before it. With the KV cache each finished block is run once through the model to append
+# its keys and values (its queries attend the cache and the block: the training mask's clean stream), and every
+# denoising step runs over the L' block positions only; without it every step reruns the whole prefix under
+# ``tdlm.objective.prefix_block_mask``. Both compute the same attention, so they give the same samples.
+
+
+@dataclass
+class BlockSampleOutput:
+    ids: torch.Tensor          # (B, N) generated tokens; a stopped row's tokens after its stop are pad_token_id
+    lengths: torch.Tensor      # (B,) tokens kept per row (up to and including its EOS)
+    network_calls: int         # forwards, the cache appends included
+    blocks_run: int
+
+
+class _BlockDenoiser:
+    """What ``generate`` calls for one block: logits (n, L', V) of the noisy block given the clean prefix.
+    ``generate`` passes its per-row second argument index-selected to the rows it recomputes (its no-change
+    cache); the block sampler passes the row indices there, so the prefix of the right rows is attended."""
+
+    def __init__(self, model, prefix: torch.Tensor, cache, block_size: int):
+        self.model, self.prefix, self.cache, self.block_size = model, prefix, cache, block_size
+        self.config = model.config  # generate reads the step schedule from it
+
+    def __call__(self, block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows[:, 0]
+        P, n, device = self.prefix.shape[1], block.shape[0], block.device
+        if self.cache is not None:
+            self.cache.rows = rows
+            try:
+                return self.model(block, position_ids=torch.arange(P, P + self.block_size, device=device),
+                                  kv_cache=self.cache)
+            finally:
+                self.cache.rows = None
+        from .objective import prefix_block_mask
+
+        x = torch.cat([self.prefix.index_select(0, rows), block], 1)
+        last = (torch.arange(n, device=device)[:, None] * x.shape[1] + torch.arange(P, x.shape[1], device=device))
+        logits = self.model(x, prefix_block_mask(P, self.block_size, device)[None], logits_index=last.flatten())
+        return logits.view(n, self.block_size, -1)
+
+
+def unigram_entropy(ids: torch.Tensor) -> torch.Tensor:
+    """(B,) nats: entropy of each row's token histogram (DUO's sample entropy; BD3-LM's degeneracy measure)."""
+    return torch.stack([(lambda p: -(p * p.log()).sum())(row.unique(return_counts=True)[1].double() / row.numel())
+                        for row in ids])
+
+
+@torch.no_grad()
+def block_generate(model, num_samples: int, max_tokens: int, block_size: int, mask_token_id: int,
+                   cfg: SamplerConfig, generator=None, use_kv_cache: bool = True, eos_token_id: int | None = None,
+                   min_entropy: float = 0.0, entropy_window: int = 256, pad_token_id: int = 0) -> BlockSampleOutput:
+    """Block-by-block generation of up to ``max_tokens`` tokens (a multiple of ``block_size`` is drawn; the model's
+    max_seq_len bounds it), ``cfg.steps`` denoising steps per block with ``cfg.method``.
+
+    Variable length (BD3-LM ``_check_stop_conds``): a row stops at its first ``eos_token_id`` (kept), or, with
+    ``min_entropy`` > 0, when the unigram entropy of its last ``entropy_window`` tokens falls below
+    ``min_entropy`` nats (a degenerate, repeating sample; BD3-LM uses 4 nats over 256 GPT-2 tokens). Generation
+    ends when every row has stopped; a stopped row's later tokens are returned as ``pad_token_id``."""
+    device = next(model.parameters()).device
+    cfg = replace(cfg, block_length=0)
+    blocks = math.ceil(max_tokens / block_size)
+    if blocks * block_size > model.config.max_seq_len:
+        raise ValueError(f"--max-tokens: {blocks * block_size} tokens exceed the model's max_seq_len "
+                         f"{model.config.max_seq_len}")
+    from .model import KVCache
+
+    cache = KVCache() if use_kv_cache else None
+    z = torch.empty(num_samples, 0, dtype=torch.long, device=device)
+    stop = torch.full((num_samples,), max_tokens, dtype=torch.long, device=device)  # tokens kept per row
+    rows = torch.arange(num_samples, device=device)[:, None]
+    calls = blocks_run = 0
+    for b in range(blocks):
+        canvas = torch.full((num_samples, block_size), mask_token_id, dtype=torch.long, device=device)
+        res = generate(_BlockDenoiser(model, z, cache, block_size), canvas, mask_token_id, cfg, generator, rows)
+        z, calls, blocks_run = torch.cat([z, res.ids], 1), calls + res.network_calls, blocks_run + 1
+        if cache is not None:  # append the finished block (no logits needed)
+            cache.recording = True
+            model(res.ids, position_ids=torch.arange(z.shape[1] - block_size, z.shape[1], device=device),
+                  kv_cache=cache, logits_index=torch.empty(0, dtype=torch.long, device=device))
+            cache.recording, calls = False, calls + 1
+        end = z.shape[1]
+        if eos_token_id is not None:
+            is_eos = res.ids == eos_token_id
+            first = is_eos.long().argmax(1) + end - block_size + 1
+            stop = torch.where(is_eos.any(1) & (stop == max_tokens), first, stop)
+        if min_entropy > 0 and end >= entropy_window:
+            low = unigram_entropy(z[:, end - entropy_window:]) < min_entropy
+            stop = torch.where(low & (stop == max_tokens), torch.full_like(stop, end), stop)
+        if (stop < max_tokens).all():
+            break
+    z, stop = z[:, :max_tokens], stop.clamp(max=min(z.shape[1], max_tokens))
+    kept = torch.arange(z.shape[1], device=device)[None] < stop[:, None]
+    return BlockSampleOutput(torch.where(kept, z, pad_token_id), stop, calls, blocks_run)

@@ -23,9 +23,9 @@ from tdlm.engine.launch import run_cli
 from tdlm.engine.randomness import keyed_generator
 from tdlm.engine.task import LossOutput, Task
 from tdlm.model import TdlmForMaskedOrCausalLM, build_model
-from tdlm.noise import TrainingNoise
-from tdlm.objective import (StepOutputs, autoregressive_outputs, masked_diffusion_outputs, reported_sum,
-                            sequence_sums)
+from tdlm.noise import BlockTrainingNoise, TrainingNoise
+from tdlm.objective import (StepOutputs, autoregressive_outputs, block_diffusion_outputs, effective_block_size,
+                            masked_diffusion_outputs, reported_sum, sequence_sums)
 
 VALIDATION_SALT = 424242  # keeps the fixed validation noise apart from every training step's stream
 ANNEAL_SALT = 515151  # the attention-annealing patterns' stream, apart from the masking noise
@@ -253,6 +253,10 @@ class MaskedDiffusionTask(TextTask):
         else:
             masked, t, weight, ratio = estimator.mask(*(to_device(x, ids.device) for x in noise), valid)
             positions = masked.flatten().nonzero().squeeze(1)
+        return self.objective(model, ids, valid, masked, positions, weight, attn, t, clip_weight, ratio)
+
+    def objective(self, model, ids, valid, masked, positions, weight, attn, t, clip_weight, ratio) -> StepOutputs:
+        """The objective ``outputs`` calls on the noise it drew (``tdlm.objective``)."""
         return masked_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, attn, t,
                                         clip_weight, ratio)
 
@@ -264,6 +268,35 @@ class MaskedDiffusionTask(TextTask):
         ids = ancestral_sample(model, self.schedule, n, self.cfg.data.seq_len, self.mask_id, steps=steps,
                                generator=g, forbidden_token_ids=special)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=False)
+
+
+class BlockDiffusionTask(MaskedDiffusionTask):
+    """Block diffusion (BD3-LM): masked diffusion inside blocks of ``diffusion.block_size`` tokens, autoregressive
+    over blocks. Each block draws its own t (any ``diffusion.estimator``, per block), validation scores the block
+    NELBO under fixed per-block Bernoulli noise, and one forward over [x_t ; x] scores every block
+    (``tdlm.objective.block_diffusion_outputs``)."""
+
+    def __init__(self, cfg, accelerator):
+        self.block_size = cfg.diffusion.block_size
+        super().__init__(cfg, accelerator)
+        self.noise = BlockTrainingNoise(self.noise, self.block_size)
+        self.val_estimator = BlockTrainingNoise(self.val_estimator, self.block_size)
+        self.val_noise = self.val_estimator.draw(keyed_generator(cfg.trainer.seed, 0, salt=VALIDATION_SALT),
+                                                 len(self.data.validation), cfg.data.seq_len)
+
+    def objective(self, model, ids, valid, masked, positions, weight, attn, t, clip_weight, ratio):
+        return block_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, self.block_size,
+                                       attn, t, clip_weight, ratio)
+
+    def sample(self, model, n, steps, seed=0):
+        from tdlm.sampling import SamplerConfig, block_generate
+
+        g = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+        special = tuple(i for i in (self.pad_id, self.tokenizer.bos_token_id) if i is not None)
+        blocks = self.cfg.data.seq_len // self.block_size
+        cfg = SamplerConfig(steps=max(1, steps // blocks), step_schedule=self.schedule, forbidden_token_ids=special)
+        out = block_generate(model, n, self.cfg.data.seq_len, self.block_size, self.mask_id, cfg, g)
+        return self.tokenizer.batch_decode(out.ids, skip_special_tokens=False)
 
 
 class AutoregressiveTask(TextTask):
@@ -286,8 +319,13 @@ class AutoregressiveTask(TextTask):
 
 
 def text_task(cfg, accelerator) -> TextTask:
-    """The task a text config asks for: autoregressive with ``model.causal``, masked diffusion otherwise."""
-    return (AutoregressiveTask if cfg.model.causal else MaskedDiffusionTask)(cfg, accelerator)
+    """The task a text config asks for: autoregressive with ``model.causal``, block diffusion with a
+    ``diffusion.block_size`` shorter than the row, masked diffusion otherwise."""
+    if cfg.model.causal:
+        return AutoregressiveTask(cfg, accelerator)
+    if effective_block_size(cfg.diffusion.block_size, cfg.data.seq_len):
+        return BlockDiffusionTask(cfg, accelerator)
+    return MaskedDiffusionTask(cfg, accelerator)
 
 
 def text_engine(cfg):
