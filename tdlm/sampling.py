@@ -399,3 +399,25 @@ def block_generate(model, num_samples: int, max_tokens: int, block_size: int, ma
     z, stop = z[:, :max_tokens], stop.clamp(max=min(z.shape[1], max_tokens))
     kept = torch.arange(z.shape[1], device=device)[None] < stop[:, None]
     return BlockSampleOutput(torch.where(kept, z, pad_token_id), stop, calls, blocks_run)
+
+
+@torch.no_grad()
+def block_sample_checkpoint(model, tokenizer, indices: list[int], cfg: SamplerConfig, seed: int, max_tokens: int,
+                            block_size: int, batch_size: int = 8, use_kv_cache: bool = True,
+                            stop_at_eos: bool = False, min_entropy: float = 0.0,
+                            entropy_window: int = 256) -> tuple[list[dict], int]:
+    """``sample_checkpoint`` for block diffusion: samples ``indices`` by ``block_generate`` (sample i from its own
+    generator, so batch- and process-independent), [{index, ids, text}] cut at each row's stop, and the network
+    calls made."""
+    device = next(model.parameters()).device
+    out, calls = [], 0
+    for lo in range(0, len(indices), batch_size):
+        idx = indices[lo:lo + batch_size]
+        res = block_generate(model, len(idx), max_tokens, block_size, tokenizer.mask_token_id, cfg,
+                             sample_generators(seed, idx, device), use_kv_cache,
+                             tokenizer.eos_token_id if stop_at_eos else None, min_entropy, entropy_window,
+                             tokenizer.pad_token_id)
+        calls += res.network_calls
+        for i, row, n in zip(idx, res.ids.tolist(), res.lengths.tolist()):
+            out.append({"index": i, "ids": row[:n], "text": tokenizer.decode(row[:n], skip_special_tokens=True)})
+    return out, calls

@@ -253,10 +253,10 @@ class MaskedDiffusionTask(TextTask):
         else:
             masked, t, weight, ratio = estimator.mask(*(to_device(x, ids.device) for x in noise), valid)
             positions = masked.flatten().nonzero().squeeze(1)
-        return self.objective(model, ids, valid, masked, positions, weight, attn, t, clip_weight, ratio)
-
-    def objective(self, model, ids, valid, masked, positions, weight, attn, t, clip_weight, ratio) -> StepOutputs:
-        """The objective ``outputs`` calls on the noise it drew (``tdlm.objective``)."""
+        block_size = getattr(estimator, "block_size", 0)  # block noise (BlockDiffusionTask): the block NELBO
+        if block_size:
+            return block_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, block_size,
+                                           attn, t, clip_weight, ratio)
         return masked_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, attn, t,
                                         clip_weight, ratio)
 
@@ -274,7 +274,7 @@ class BlockDiffusionTask(MaskedDiffusionTask):
     """Block diffusion (BD3-LM): masked diffusion inside blocks of ``diffusion.block_size`` tokens, autoregressive
     over blocks. Each block draws its own t (any ``diffusion.estimator``, per block), validation scores the block
     NELBO under fixed per-block Bernoulli noise, and one forward over [x_t ; x] scores every block
-    (``tdlm.objective.block_diffusion_outputs``)."""
+    (``tdlm.objective.block_diffusion_outputs``, which ``outputs`` calls for block noise)."""
 
     def __init__(self, cfg, accelerator):
         self.block_size = cfg.diffusion.block_size
@@ -283,10 +283,6 @@ class BlockDiffusionTask(MaskedDiffusionTask):
         self.val_estimator = BlockTrainingNoise(self.val_estimator, self.block_size)
         self.val_noise = self.val_estimator.draw(keyed_generator(cfg.trainer.seed, 0, salt=VALIDATION_SALT),
                                                  len(self.data.validation), cfg.data.seq_len)
-
-    def objective(self, model, ids, valid, masked, positions, weight, attn, t, clip_weight, ratio):
-        return block_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, self.block_size,
-                                       attn, t, clip_weight, ratio)
 
     def sample(self, model, n, steps, seed=0):
         from tdlm.sampling import SamplerConfig, block_generate

@@ -233,12 +233,18 @@ def test_bad_block_sizes_are_one_line_errors(tmp_path):
                                   f"data.paths=[{hf / 'x.txt'}]"])
 
 
-def test_block_task_trains_and_validates_the_block_nelbo(tmp_path):
-    """The task on the engine: the block objective in training and validation; the exported checkpoint records
-    L' (what evaluation and sampling read); the end-of-run samples come from the block sampler."""
+def test_block_task_trains_evaluates_and_samples(tmp_path, capsys):
+    """The task on the engine with every metric tier on (per-block weights in the research collectors); the
+    checkpoint records L', so ``eval/perplexity.py`` scores the block NELBO (its estimators agree with each other)
+    and ``eval/generate.py`` samples block by block, the same samples with and without the KV cache."""
+    import json
+
+    from test_eval_cli import load_script
+
     from tdlm.tasks import BlockDiffusionTask, text_engine
 
-    engine = text_engine(load_config(None, tiny_overrides(tmp_path, **{"diffusion.block_size": 8,
+    tiers = {f"metrics.tiers.{t}.enabled": True for t in ("research", "advanced")}
+    engine = text_engine(load_config(None, tiny_overrides(tmp_path, **{"diffusion.block_size": 8, **tiers,
                                                                        "trainer.max_steps": 4})))
     try:
         assert isinstance(engine.task, BlockDiffusionTask)
@@ -246,13 +252,30 @@ def test_block_task_trains_and_validates_the_block_nelbo(tmp_path):
         samples = engine.task.sample(engine.task.model, 2, 8)
     finally:
         engine.close()
-    assert math.isfinite(result["val/loss"]) and 0 < result["val/loss"] < 10
-    assert len(samples) == 2
-    from tdlm.model import TdlmForMaskedOrCausalLM
+    assert math.isfinite(result["val/loss"]) and 0 < result["val/loss"] < 10 and len(samples) == 2
+    ckpt = str(tmp_path / "runs" / "t" / "checkpoints" / "step_0000004")
+    perplexity, generate = load_script("perplexity"), load_script("generate")
 
-    saved = TdlmForMaskedOrCausalLM.from_pretrained(str(tmp_path / "runs" / "t" / "checkpoints" / "step_0000004" /
-                                                        "model"))
-    assert saved.config.block_size == 8
+    def run_json(script, argv):
+        capsys.readouterr()
+        assert script.main(argv) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    res = {e: run_json(perplexity, ["--checkpoint", ckpt, "--estimator", e, "--mc-passes", "4", "--json"])
+           for e in ("stratified", "exact-k")}
+    assert all(r["block_size"] == 8 for r in res.values())
+    a, b = res["stratified"], res["exact-k"]
+    assert abs(a["nelbo_per_token"] - b["nelbo_per_token"]) < 4 * math.hypot(a["stderr"], b["stderr"]), res
+    out = tmp_path / "s.jsonl"
+    argv = ["--checkpoint", ckpt, "--num-samples", "3", "--steps", "2", "--json", "--batch-size", "2"]
+    summary = run_json(generate, argv + ["--out", str(out)])
+    cached = out.read_text()
+    assert summary["block_size"] == 8 and summary["kv_cache"] and len(cached.splitlines()) == 3
+    assert run_json(generate, argv + ["--out", str(out), "--no-kv-cache"])["kv_cache"] is False
+    assert out.read_text() == cached
+    capsys.readouterr()
+    assert generate.main(["--checkpoint", ckpt, "--prompt", "a"]) == 2
+    assert "--block-size: block sampling generates from scratch" in capsys.readouterr().err
 
 
 def run_losses(run_dir):
