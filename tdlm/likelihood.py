@@ -18,6 +18,10 @@ summed over sequences and divided by the number of valid tokens:
   with I the regularised incomplete beta function. For t_min = 0 and the linear schedule c_k = 1: LLaDA's L/k.
   Because the same truncation is applied, all three estimators target exactly the same number.
 
+A block-diffusion checkpoint (``block_size`` L' in its config) is scored on the block NELBO: every block of L'
+tokens is one row of the estimator (its own t or k, strata over sequences x blocks; exact-k with the c_k of a
+block of L' tokens), and ``tdlm.objective.block_diffusion_outputs`` is the objective.
+
 Noise never depends on the process or the batch: each sequence's draws come from a generator seeded by
 (seed, pass, the sequence's global index ``idx``), and stratum assignments from (seed, pass). Per-sequence sums
 are gathered across processes and summed in index order, so any number of processes gives the same result.

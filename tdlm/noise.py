@@ -19,6 +19,8 @@ scores (``tdlm/diffusion.py``, ``tdlm/likelihood.py``),
   square root of it (Owen, *Monte Carlo theory*, ch. 9): *more* mass near t_min than uniform, not less, so a > 0;
   a = 0.5 is the small-t optimum. a = 0 is the Bernoulli estimator.
 
+Block diffusion (``BlockTrainingNoise``) applies any of them per block of L' tokens: each block is one row.
+
 The draws of a step come from the step's generator for the whole global batch (``tdlm.engine.randomness``); the
 tensors are CPU tensors, one row per sequence.
 """

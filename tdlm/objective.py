@@ -1,4 +1,5 @@
-"""The text objectives, written once: the masked-diffusion NELBO and the autoregressive NLL of a batch.
+"""The text objectives, written once: the masked-diffusion NELBO, the block-diffusion NELBO (BD3-LM, below) and
+the autoregressive NLL of a batch.
 
 Training (``tdlm.tasks``), validation (the same tasks' ``evaluate``) and the likelihood estimators
 (``tdlm.likelihood``, ``eval/perplexity.py``) all call these functions; they differ only in the noise they

@@ -347,12 +347,6 @@ class _BlockDenoiser:
         return logits.view(n, self.block_size, -1)
 
 
-def unigram_entropy(ids: torch.Tensor) -> torch.Tensor:
-    """(B,) nats: entropy of each row's token histogram (DUO's sample entropy; BD3-LM's degeneracy measure)."""
-    return torch.stack([(lambda p: -(p * p.log()).sum())(row.unique(return_counts=True)[1].double() / row.numel())
-                        for row in ids])
-
-
 @torch.no_grad()
 def block_generate(model, num_samples: int, max_tokens: int, block_size: int, mask_token_id: int,
                    cfg: SamplerConfig, generator=None, use_kv_cache: bool = True, eos_token_id: int | None = None,
@@ -370,6 +364,7 @@ def block_generate(model, num_samples: int, max_tokens: int, block_size: int, ma
     if blocks * block_size > model.config.max_seq_len:
         raise ValueError(f"--max-tokens: {blocks * block_size} tokens exceed the model's max_seq_len "
                          f"{model.config.max_seq_len}")
+    from .gen_metrics import unigram_entropy  # the sample entropy eval/gen_ppl.py reports
     from .model import KVCache
 
     cache = KVCache() if use_kv_cache else None
@@ -392,7 +387,8 @@ def block_generate(model, num_samples: int, max_tokens: int, block_size: int, ma
             first = is_eos.long().argmax(1) + end - block_size + 1
             stop = torch.where(is_eos.any(1) & (stop == max_tokens), first, stop)
         if min_entropy > 0 and end >= entropy_window:
-            low = unigram_entropy(z[:, end - entropy_window:]) < min_entropy
+            low = torch.tensor([unigram_entropy(row) < min_entropy for row in z[:, end - entropy_window:].tolist()],
+                               device=device)
             stop = torch.where(low & (stop == max_tokens), torch.full_like(stop, end), stop)
         if (stop < max_tokens).all():
             break
