@@ -102,6 +102,11 @@ class DiffusionSection:
     """Block diffusion (BD3-LM): rows cut into blocks of this many tokens, each with its own t, denoised given the
     clean blocks before it (``tdlm/objective.py``); 1 is autoregressive, 0 or data.seq_len plain MDLM. Must
     divide data.seq_len; training runs one forward over 2 x seq_len tokens."""
+    t_clip: list = field(default_factory=list)
+    """Block diffusion, bernoulli estimator: [lo, hi] with t_min <= lo < hi <= 1, BD3-LM's clipped schedule. Training
+    t ~ U[lo, hi] (the masked fraction, linear schedule) with weight w(t): a lower-variance gradient of an objective
+    that is not the NELBO (so train/loss is not the bound); val/loss and evaluation integrate over [t_min, 1]. []
+    = off."""
 
 
 @dataclass
@@ -182,6 +187,17 @@ def validate_block_size(cfg: RunConfig) -> None:
     if bs and cfg.model.causal:
         raise ConfigError(f"diffusion.block_size: {bs} needs a bidirectional denoiser, but model.causal=true "
                           f"(block_size=1 is the autoregressive end of block diffusion)")
+    clip = cfg.diffusion.t_clip
+    if clip:
+        if not 0 < bs < seq_len:
+            raise ConfigError("diffusion.t_clip: the clipped schedule is for block diffusion; set a "
+                              "diffusion.block_size below data.seq_len")
+        if cfg.diffusion.estimator != "bernoulli":
+            raise ConfigError(f"diffusion.t_clip: applies to the bernoulli estimator, not {cfg.diffusion.estimator}")
+        if (len(clip) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clip)
+                or not cfg.diffusion.t_min <= clip[0] < clip[1] <= 1.0):
+            raise ConfigError(f"diffusion.t_clip: need [lo, hi] with t_min={cfg.diffusion.t_min} <= lo < hi <= 1, "
+                              f"got {clip}")
     if bs and cfg.model.pretrained:
         raise ConfigError(f"diffusion.block_size: {bs} is not supported with model.pretrained (a Hugging Face "
                           f"backbone); use tdlm's own backbone")

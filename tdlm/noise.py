@@ -136,14 +136,24 @@ class BlockTrainingNoise:
     so each block draws its own t_b (or k_b: exact-k applies per block) stratified over the global batch x
     blocks, and gets its own weight. Returns what ``TrainingNoise`` does with (B, L / L') for t, weight, ratio."""
 
-    def __init__(self, inner: TrainingNoise, block_size: int):
-        self.inner, self.block_size = inner, block_size
+    def __init__(self, inner: TrainingNoise, block_size: int, t_clip: tuple[float, float] | None = None):
+        if t_clip and inner.estimator != "bernoulli":
+            raise ValueError(f"diffusion.t_clip: applies to the bernoulli estimator, not {inner.estimator}")
+        self.inner, self.block_size, self.t_clip = inner, block_size, tuple(t_clip) if t_clip else None
         self.estimator = inner.estimator
 
     def draw(self, generator: torch.Generator, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(first (rows, L / L'), uniforms (rows, L)): rows leading, so the engine slices them per micro-batch."""
+        """(first (rows, L / L'), uniforms (rows, L)): rows leading, so the engine slices them per micro-batch.
+
+        ``t_clip`` (lo, hi): BD3-LM's clipped schedule. The stratified t of [t_min, 1] is mapped linearly onto
+        [lo, hi] (for the linear schedule the masked fraction is t, so these bound it), the weight stays w(t):
+        a training objective with lower gradient variance that is *not* the NELBO (validation and evaluation
+        never clip)."""
         blocks = length // self.block_size
         first, uniforms = self.inner.draw(generator, rows * blocks, self.block_size)
+        if self.t_clip:
+            lo, hi, t_min = *self.t_clip, self.inner.t_min
+            first = (lo + (first.double() - t_min) / (1.0 - t_min) * (hi - lo)).float()
         return first.view(rows, blocks), uniforms.view(rows, length)
 
     def mask(self, first: torch.Tensor, uniforms: torch.Tensor, valid: torch.Tensor | None = None):

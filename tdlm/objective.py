@@ -86,7 +86,8 @@ def reported_sum(out: StepOutputs, clip_weight: float = 0.0) -> torch.Tensor:
 # BD3-LM (Arriola et al., ICLR 2025, arXiv 2503.09573): a row of L tokens is cut into L / L' blocks; block b is
 # masked with its own time t_b and denoised given the *clean* blocks before it, so
 #
-#     -log p(x) <= sum_b NELBO_MDLM(x^b | x^{<b}) = sum_b E_{t_b} [ w(t_b) * sum_{i in b, masked} -log p(x_i | z^b, x^{<b}) ]
+#     -log p(x) <= sum_b NELBO_MDLM(x^b | x^{<b})
+#               = sum_b E_{t_b} [ w(t_b) * sum_{i in b, masked} -log p(x_i | z^b, x^{<b}) ]
 #
 # Training runs all blocks in one forward over [x_t ; x] (length 2L) with the block-causal mask of
 # ``block_attention_mask``; RoPE positions repeat 0..L-1 so a noisy token and its clean copy share a position.

@@ -362,7 +362,7 @@ def block_generate(model, num_samples: int, max_tokens: int, block_size: int, ma
     cfg = replace(cfg, block_length=0)
     blocks = math.ceil(max_tokens / block_size)
     if blocks * block_size > model.config.max_seq_len:
-        raise ValueError(f"--max-tokens: {blocks * block_size} tokens exceed the model's max_seq_len "
+        raise ValueError(f"--seq-len: {blocks * block_size} tokens exceed the model's max_seq_len "
                          f"{model.config.max_seq_len}")
     from .gen_metrics import unigram_entropy  # the sample entropy eval/gen_ppl.py reports
     from .model import KVCache

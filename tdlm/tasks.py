@@ -279,7 +279,7 @@ class BlockDiffusionTask(MaskedDiffusionTask):
     def __init__(self, cfg, accelerator):
         self.block_size = cfg.diffusion.block_size
         super().__init__(cfg, accelerator)
-        self.noise = BlockTrainingNoise(self.noise, self.block_size)
+        self.noise = BlockTrainingNoise(self.noise, self.block_size, cfg.diffusion.t_clip or None)
         self.val_estimator = BlockTrainingNoise(self.val_estimator, self.block_size)
         self.val_noise = self.val_estimator.draw(keyed_generator(cfg.trainer.seed, 0, salt=VALIDATION_SALT),
                                                  len(self.data.validation), cfg.data.seq_len)

@@ -96,7 +96,8 @@ def test_block_size_1_is_an_autoregressive_model():
     would): ``causal([x_0 .. x_{b-1}, MASK])[-1]``. In expectation over t the masking and the weight cancel,
     E_t[w(t) m(t)] = integral_{t_min}^1 (1/t) t dt / (1 - t_min) = 1, so the L' = 1 NELBO *is* that AR NLL: the
     exact enumeration gives it, and the Monte-Carlo estimator is unbiased for it."""
-    bidirectional, causal = tiny_model().eval().set_cpu_gemm("aten"), tiny_model(causal=True).eval().set_cpu_gemm("aten")
+    bidirectional = tiny_model().eval().set_cpu_gemm("aten")
+    causal = tiny_model(causal=True).eval().set_cpu_gemm("aten")  # the same weights (seeded init), run causally
     ids, valid = rows(seed=2, B=2)
     ids, valid = ids[:1], valid[:1]  # an unpadded row
     with torch.no_grad():
@@ -317,3 +318,34 @@ def test_block_task_two_processes_match_one_and_resume_exactly(tmp_path):
     assert set(two) == set(ref) and any(k[1] == "val/loss" for k in ref)
     for key, value in ref.items():
         assert math.isclose(two[key], value, rel_tol=1e-5), (key, two[key], value)
+
+
+def test_the_clipped_schedule_changes_the_training_noise_only(tmp_path):
+    """diffusion.t_clip = [0.3, 0.8]: training t_b stratified over [0.3, 0.8] with weight w(t) = 1/t; validation
+    keeps t over [t_min, 1]; bad bounds are one-line errors."""
+    from tdlm.tasks import text_engine
+
+    noise = BlockTrainingNoise(TrainingNoise("bernoulli", LinearSchedule(), 1e-3), 4, (0.3, 0.8))
+    first, _ = noise.draw(torch.Generator().manual_seed(0), 50, L)  # 100 blocks, one per stratum of [0.3, 0.8]
+    strata = ((first.double() - 0.3) / 0.5 * 100).floor().long().flatten().sort().values
+    assert torch.equal(strata, torch.arange(100))
+    masked, t, weight, _ = noise.mask(first, torch.rand(50, L, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(weight, 1.0 / t)
+    engine = text_engine(load_config(None, tiny_overrides(tmp_path, **{"diffusion.block_size": 8,
+                                                                       "diffusion.t_clip": "[0.3, 0.8]",
+                                                                       "trainer.max_steps": 2})))
+    try:
+        t_train = engine.task.noise.draw(torch.Generator().manual_seed(0), 8, 32)[0]
+        t_val = engine.task.val_noise[0]
+        engine.fit()
+    finally:
+        engine.close()
+    assert 0.3 <= float(t_train.min()) and float(t_train.max()) <= 0.8
+    assert float(t_val.min()) < 0.1 and float(t_val.max()) > 0.9
+    base = tiny_overrides(tmp_path)
+    for extra, message in [(["diffusion.t_clip=[0.5, 0.2]", "diffusion.block_size=4"], "need \\[lo, hi\\]"),
+                           (["diffusion.t_clip=[0.2, 0.5]"], "is for block diffusion"),
+                           (["diffusion.t_clip=[0.2, 0.5]", "diffusion.block_size=4", "diffusion.estimator=exact-k"],
+                            "applies to the bernoulli estimator")]:
+        with pytest.raises(ConfigError, match=f"diffusion.t_clip: .*{message}"):
+            load_config(None, base + extra)
