@@ -261,3 +261,29 @@ def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: 
             "num_sequences": res.num_sequences, "seed": seed, "per_pass": res.per_pass,
             "schedule": recipe["schedule"], "t_min": recipe["t_min"], "block_size": recipe["block_size"],
             "num_processes": accelerator.num_processes}
+
+
+@torch.no_grad()
+def clipped_loss_spread(model, rows: torch.Tensor, pad_token_id: int, mask_token_id: int, block_size: int,
+                        schedule: NoiseSchedule, t_min: float, bounds: tuple[float, float] | None, batch_size: int,
+                        passes: int, seed: int = 0) -> dict:
+    """BD3-LM's clipped-schedule search criterion (``_clipped_schedule_search``): the spread over batches of the
+    per-token training loss under t_b ~ U[bounds] (None: [t_min, 1]), a proxy for the gradient variance.
+    ``rows`` (N, L) validation ids; ``passes`` noise draws per batch (generator keyed by pass and batch).
+    Returns {bounds, mean, var} of the per-batch losses (the mean is the clipped objective, not the NELBO)."""
+    from .noise import BlockTrainingNoise, TrainingNoise
+
+    noise = BlockTrainingNoise(TrainingNoise("bernoulli", schedule, t_min), block_size, bounds)
+    losses = []
+    for p in range(passes):
+        for i, lo in enumerate(range(0, rows.shape[0], batch_size)):
+            ids = rows[lo:lo + batch_size]
+            valid = ids != pad_token_id
+            masked, t, weight, _ = noise.mask(*noise.draw(keyed_generator(seed, i, salt=p + 1), ids.shape[0],
+                                                          ids.shape[1]), valid.cpu())
+            masked, weight = masked.to(ids.device), weight.to(ids.device)
+            out = block_diffusion_outputs(model, ids, valid, masked, masked.flatten().nonzero().squeeze(1), weight,
+                                          mask_token_id, block_size, valid)
+            losses.append(float(out.loss_sum) / max(int(valid.sum()), 1))
+    x = torch.tensor(losses, dtype=torch.float64)
+    return {"bounds": list(bounds) if bounds else [t_min, 1.0], "mean": float(x.mean()), "var": float(x.var())}

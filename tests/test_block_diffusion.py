@@ -277,6 +277,11 @@ def test_block_task_trains_evaluates_and_samples(tmp_path, capsys):
     capsys.readouterr()
     assert generate.main(["--checkpoint", ckpt, "--prompt", "a"]) == 2
     assert "--block-size: block sampling generates from scratch" in capsys.readouterr().err
+    # the clipped-schedule search: a near-constant t (masked fraction ~0.5) spreads the loss less than t over [t_min, 1]
+    search = run_json(load_script("clip_search"), ["--checkpoint", ckpt, "--bounds", "0.5,0.51", "--max-sequences",
+                                                   "32", "--batch-size", "4", "--passes", "2", "--json"])
+    full, narrow = search["candidates"]
+    assert full["bounds"] == [1e-3, 1.0] and search["best"] == [0.5, 0.51] and narrow["var"] < full["var"], search
 
 
 def run_losses(run_dir):
