@@ -354,3 +354,21 @@ def test_the_clipped_schedule_changes_the_training_noise_only(tmp_path):
                             "applies to the bernoulli estimator")]:
         with pytest.raises(ConfigError, match=f"diffusion.t_clip: .*{message}"):
             load_config(None, base + extra)
+
+
+def test_bench_block_tiny():
+    """eval/bench_block.py end to end at a tiny shape: both training arms and both sampling arms report, and the
+    cached and uncached samplers drew the same samples."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
+    import bench_block
+
+    out = bench_block.run(bench_block.parse(["--layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "64",
+                                             "--seq-len", "16", "--batch", "2", "--gen-tokens", "24", "--rounds", "2",
+                                             "--sample-rounds", "2", "--threads", "1", "--min-cpu-share", "0"]))
+    assert out["training"]["mdlm"]["tokens_per_s"] > 0 and out["training"]["block_4"]["tokens_per_s"] > 0
+    assert out["sampling"]["identical_samples"] is True
+    # the same denoising calls (same samples, same no-change cache) plus one cache append per block of 4
+    assert out["sampling"]["kv_cached"]["network_calls"] == out["sampling"]["uncached"]["network_calls"] + 6
