@@ -198,9 +198,21 @@ def validate_block_size(cfg: RunConfig) -> None:
                 or not cfg.diffusion.t_min <= clip[0] < clip[1] <= 1.0):
             raise ConfigError(f"diffusion.t_clip: need [lo, hi] with t_min={cfg.diffusion.t_min} <= lo < hi <= 1, "
                               f"got {clip}")
-    if bs and cfg.model.pretrained:
-        raise ConfigError(f"diffusion.block_size: {bs} is not supported with model.pretrained (a Hugging Face "
-                          f"backbone); use tdlm's own backbone")
+    if bs and cfg.model.pretrained and not _is_tdlm_export(cfg.model.pretrained):
+        raise ConfigError(f"diffusion.block_size: {bs} is not supported with a Hugging Face backbone "
+                          f"(model.pretrained={cfg.model.pretrained}); use tdlm's own backbone or a tdlm model/ "
+                          f"(BD3-LM's recipe: fine-tune an MDLM checkpoint)")
+
+
+def _is_tdlm_export(path: str) -> bool:
+    """A local ``model/`` of tdlm's own backbone (``model_type`` tdlm), which block diffusion can continue."""
+    import json
+
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == "tdlm"
+    except (OSError, ValueError):
+        return False
 
 
 LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": list}

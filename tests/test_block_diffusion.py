@@ -229,7 +229,7 @@ def test_bad_block_sizes_are_one_line_errors(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="diffusion.block_size: 4 is not supported with model.pretrained"):
+    with pytest.raises(ConfigError, match="diffusion.block_size: 4 is not supported with a Hugging Face backbone"):
         load_config(None, base + ["diffusion.block_size=4", f"model.pretrained={hf}", "data.source=files",
                                   f"data.paths=[{hf / 'x.txt'}]"])
 
@@ -372,3 +372,28 @@ def test_bench_block_tiny():
     assert out["sampling"]["identical_samples"] is True
     # the same denoising calls (same samples, same no-change cache) plus one cache append per block of 4
     assert out["sampling"]["kv_cached"]["network_calls"] == out["sampling"]["uncached"]["network_calls"] + 6
+
+
+def test_an_mdlm_checkpoint_is_fine_tuned_into_block_diffusion(tmp_path):
+    """BD3-LM's recipe: continue tdlm's own MDLM ``model/`` with diffusion.block_size; the export records L'."""
+    from tdlm.model import TdlmForMaskedOrCausalLM
+    from tdlm.tasks import BlockDiffusionTask, text_engine
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"document {i} says hello to the world {i % 7} and more" for i in range(300)))
+    data = {"data.source": "files", "data.paths": f"[{corpus}]", "data.vocab_size": 300, "trainer.max_steps": 2}
+    for name, extra in (("mdlm", {}), ("bd3", {"diffusion.block_size": 8, "model.pretrained":
+                                               str(tmp_path / "runs" / "mdlm" / "checkpoints" / "step_0000002" /
+                                                   "model")})):
+        engine = text_engine(load_config(None, tiny_overrides(tmp_path, **data, **extra,
+                                                              **{"trainer.run_name": name,
+                                                                 "trainer.save_every_n_steps": 2})))
+        try:
+            assert isinstance(engine.task, BlockDiffusionTask) == (name == "bd3")
+            result = engine.fit()
+        finally:
+            engine.close()
+        assert math.isfinite(result["val/loss"])
+    saved = TdlmForMaskedOrCausalLM.from_pretrained(str(tmp_path / "runs" / "bd3" / "checkpoints" / "step_0000002" /
+                                                        "model"))
+    assert saved.config.block_size == 8
