@@ -119,7 +119,8 @@ def run(args, accelerator) -> tuple[list[dict], dict]:
     calls = sum(gather_objects(accelerator, [calls]))
     summary = {"checkpoint": str(ck.path), "causal": ck.causal, "num_samples": len(samples), "seq_len": len(canvas),
                "method": "autoregressive" if ck.causal else cfg.method, "steps": args.steps,
-               "block_size": block_size, "kv_cache": bool(block_size) and not args.no_kv_cache,
+               "block_size": block_size,
+               "kv_cache": bool(block_size) and not args.no_kv_cache and getattr(model, "supports_kv_cache", False),
                "network_calls": calls, "seconds": time.perf_counter() - start, "seed": args.seed,
                "num_processes": accelerator.num_processes}
     return samples, summary

@@ -176,8 +176,8 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def validate_block_size(cfg: RunConfig) -> None:
-    """``diffusion.block_size``: a divisor of data.seq_len (blocks tile every row), on tdlm's own bidirectional
-    backbone (the Hugging Face backbones take no block-causal pair mask yet)."""
+    """``diffusion.block_size``: a divisor of data.seq_len (blocks tile every row), on a bidirectional denoiser with
+    a fixed attention (a Hugging Face backbone's interface is checked when it is built, ``tdlm.hf_backbone``)."""
     bs, seq_len = cfg.diffusion.block_size, cfg.data.seq_len
     if bs < 0:
         raise ConfigError(f"diffusion.block_size: must be >= 0 (0 = plain MDLM), got {bs}")
@@ -198,21 +198,9 @@ def validate_block_size(cfg: RunConfig) -> None:
                 or not cfg.diffusion.t_min <= clip[0] < clip[1] <= 1.0):
             raise ConfigError(f"diffusion.t_clip: need [lo, hi] with t_min={cfg.diffusion.t_min} <= lo < hi <= 1, "
                               f"got {clip}")
-    if bs and cfg.model.pretrained and not _is_tdlm_export(cfg.model.pretrained):
-        raise ConfigError(f"diffusion.block_size: {bs} is not supported with a Hugging Face backbone "
-                          f"(model.pretrained={cfg.model.pretrained}); use tdlm's own backbone or a tdlm model/ "
-                          f"(BD3-LM's recipe: fine-tune an MDLM checkpoint)")
-
-
-def _is_tdlm_export(path: str) -> bool:
-    """A local ``model/`` of tdlm's own backbone (``model_type`` tdlm), which block diffusion can continue."""
-    import json
-
-    config = Path(path) / "config.json"
-    try:
-        return config.is_file() and json.loads(config.read_text()).get("model_type") == "tdlm"
-    except (OSError, ValueError):
-        return False
+    if bs and cfg.model.attention_anneal_steps:
+        raise ConfigError(f"diffusion.block_size: {bs} fixes the attention to the block-causal mask; "
+                          f"model.attention_anneal_steps must be 0")
 
 
 LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": list}

@@ -226,6 +226,7 @@ class TdlmForMaskedOrCausalLM(PreTrainedModel):
     config_class = TdlmConfig
     base_model_prefix = "tdlm"
     _supports_sdpa = True
+    supports_kv_cache = True  # ``KVCache``: block-diffusion sampling attends cached keys of finished blocks
     _tied_weights_keys = {"lm_head.weight": "embed.weight"}
 
     def __init__(self, config: TdlmConfig):

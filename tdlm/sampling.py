@@ -357,8 +357,11 @@ def block_generate(model, num_samples: int, max_tokens: int, block_size: int, ma
     Variable length (BD3-LM ``_check_stop_conds``): a row stops at its first ``eos_token_id`` (kept), or, with
     ``min_entropy`` > 0, when the unigram entropy of its last ``entropy_window`` tokens falls below
     ``min_entropy`` nats (a degenerate, repeating sample; BD3-LM uses 4 nats over 256 GPT-2 tokens). Generation
-    ends when every row has stopped; a stopped row's later tokens are returned as ``pad_token_id``."""
+    ends when every row has stopped; a stopped row's later tokens are returned as ``pad_token_id``.
+
+    A backbone without ``supports_kv_cache`` (the Hugging Face ones) samples uncached: the same samples, slower."""
     device = next(model.parameters()).device
+    use_kv_cache = use_kv_cache and getattr(model, "supports_kv_cache", False)
     cfg = replace(cfg, block_length=0)
     blocks = math.ceil(max_tokens / block_size)
     if blocks * block_size > model.config.max_seq_len:

@@ -226,12 +226,6 @@ def test_bad_block_sizes_are_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=message) as err:
             load_config(None, base + [f"diffusion.block_size={value}", *extra])
         assert "\n" not in str(err.value)
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="diffusion.block_size: 4 is not supported with a Hugging Face backbone"):
-        load_config(None, base + ["diffusion.block_size=4", f"model.pretrained={hf}", "data.source=files",
-                                  f"data.paths=[{hf / 'x.txt'}]"])
 
 
 def test_block_task_trains_evaluates_and_samples(tmp_path, capsys):
@@ -397,3 +391,51 @@ def test_an_mdlm_checkpoint_is_fine_tuned_into_block_diffusion(tmp_path):
     saved = TdlmForMaskedOrCausalLM.from_pretrained(str(tmp_path / "runs" / "bd3" / "checkpoints" / "step_0000002" /
                                                         "model"))
     assert saved.config.block_size == 8
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_hf_backbones_take_the_block_causal_mask(tmp_path, family):
+    """A Hugging Face backbone gets the block-causal pair mask as a 4D additive mask and the repeated positions
+    through its own interface: the vectorised block NELBO equals the naive loop on it, and a run trains, exports
+    L' and samples (uncached: HF models have no ``KVCache``). Shifted logits (the default of an adapted causal LM)
+    are refused in one line."""
+    from hf_models import run_overrides, tiny_model_dir
+
+    from tdlm.data import load_pretrained_tokenizer
+    from tdlm.hf_backbone import build_pretrained
+    from tdlm.runs import load_model_dir
+    from tdlm.tasks import text_engine
+
+    model_dir = tiny_model_dir(tmp_path / "models", family)
+    over = run_overrides(tmp_path, model_dir, **{"diffusion.block_size": 4, "trainer.max_steps": 2,
+                                                 "trainer.save_every_n_steps": 2, "model.shift_logits": False})
+    cfg = load_config(None, over)
+    tok = load_pretrained_tokenizer(cfg.data.tokenizer)
+    model = build_pretrained(cfg.model, cfg.diffusion, tok, 16, log=lambda *a: None).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = tok.convert_tokens_to_ids("a") + torch.randint(0, 6, (3, 16), generator=g)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    noise = training_noise("bernoulli", 4)
+    masked, _, weight, _ = noise.mask(*noise.draw(torch.Generator().manual_seed(1), 3, 16), valid)
+    with torch.no_grad():
+        out = block_diffusion_outputs(model, ids, valid, masked, masked.flatten().nonzero().squeeze(1), weight,
+                                      tok.mask_token_id, 4)
+        loop = block_diffusion_loop(model, ids, masked, weight, tok.mask_token_id, 4)
+    torch.testing.assert_close(sequence_sums(out)[:, 0], loop, rtol=1e-5, atol=1e-5)
+    engine = text_engine(cfg)
+    try:
+        result = engine.fit()
+    finally:
+        engine.close()
+    assert math.isfinite(result["val/loss"])
+    exported = load_model_dir(tmp_path / "runs" / "t" / "checkpoints" / "step_0000002" / "model")
+    assert exported.config.block_size == 4
+    samples = block_generate(exported, 2, 16, 4, tok.mask_token_id, SamplerConfig(steps=2),
+                             sample_generators(0, range(2)))
+    assert samples.ids.shape == (2, 16) and (samples.ids != tok.mask_token_id).all()
+    if family == "llama":
+        with pytest.raises(ConfigError, match="diffusion.block_size: 4 needs the block-causal mask .*shifted"):
+            text_engine(load_config(None, run_overrides(tmp_path, model_dir, **{"diffusion.block_size": 4,
+                                                                                "trainer.run_name": "shift"})))
+        with pytest.raises(ConfigError, match="model.attention_anneal_steps must be 0"):
+            load_config(None, over + ["model.attention_anneal_steps=5"])
