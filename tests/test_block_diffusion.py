@@ -95,7 +95,9 @@ def test_block_size_1_is_an_autoregressive_model():
     [MASK] input placed at position b after the clean prefix (not at x_{b-1}'s position, as a shifted AR head
     would): ``causal([x_0 .. x_{b-1}, MASK])[-1]``. In expectation over t the masking and the weight cancel,
     E_t[w(t) m(t)] = integral_{t_min}^1 (1/t) t dt / (1 - t_min) = 1, so the L' = 1 NELBO *is* that AR NLL: the
-    exact enumeration gives it, and the Monte-Carlo estimator is unbiased for it."""
+    exact enumeration gives it, and the Monte-Carlo estimator is unbiased for it. Under ``exact-k`` it is exact
+    draw by draw: a block of one token always masks k = 1 with weight (1/1) c_1 = 1, so the *training loss* on any
+    batch is that AR NLL."""
     bidirectional = tiny_model().eval().set_cpu_gemm("aten")
     causal = tiny_model(causal=True).eval().set_cpu_gemm("aten")  # the same weights (seeded init), run causally
     ids, valid = rows(seed=2, B=2)
@@ -111,6 +113,12 @@ def test_block_size_1_is_an_autoregressive_model():
     torch.testing.assert_close(sequence_sums(out)[0, 0], torch.tensor(sum(ar), dtype=torch.float64), rtol=1e-5,
                                atol=0)
     assert exact == pytest.approx(sum(ar), rel=1e-5)
+    noise = training_noise("exact-k", 1, t_min=0.05)
+    masked, _, weight, _ = noise.mask(*noise.draw(torch.Generator().manual_seed(0), 1, L), valid)
+    assert masked.all() and torch.equal(weight, torch.ones(1, L))
+    with torch.no_grad():
+        drawn = block_outputs(bidirectional, ids, valid, masked, weight, 1)
+    torch.testing.assert_close(drawn.loss_sum.double(), torch.tensor(sum(ar), dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 def logprobs_of_block(model, x, block_size, b, z):
