@@ -104,14 +104,15 @@ def run(args, accelerator) -> tuple[list[dict], dict]:
     first = first_tokens(ck, accelerator) if ck.causal and not args.prompt else None
     block_size = args.block_size if args.block_size >= 0 else getattr(ck.model.config, "block_size", 0)
     block_size = 0 if ck.causal else effective_block_size(block_size, seq_len)
-    if block_size and (args.prompt or args.template):
-        raise ConfigError("--block-size: block sampling generates from scratch here; drop --prompt/--template "
-                          "or pass --block-size 0")
+    if block_size and args.template:
+        raise ConfigError("--block-size: block sampling continues a --prompt prefix; it cannot fill a --template "
+                          "(pass --block-size 0)")
     start = time.perf_counter()
     if block_size:
         mine, calls = block_sample_checkpoint(model, tok, shard(accelerator, args.num_samples), cfg, args.seed,
                                               seq_len, block_size, args.batch_size, not args.no_kv_cache,
-                                              args.stop_at_eos, args.min_entropy, args.entropy_window)
+                                              args.stop_at_eos, args.min_entropy, args.entropy_window,
+                                              canvas[canvas != tok.mask_token_id] if args.prompt else None)
     else:
         mine, calls = sample_checkpoint(model, tok, shard(accelerator, args.num_samples), cfg, args.seed, canvas,
                                         args.batch_size, first)

@@ -350,9 +350,14 @@ class _BlockDenoiser:
 @torch.no_grad()
 def block_generate(model, num_samples: int, max_tokens: int, block_size: int, mask_token_id: int,
                    cfg: SamplerConfig, generator=None, use_kv_cache: bool = True, eos_token_id: int | None = None,
-                   min_entropy: float = 0.0, entropy_window: int = 256, pad_token_id: int = 0) -> BlockSampleOutput:
-    """Block-by-block generation of up to ``max_tokens`` tokens (a multiple of ``block_size`` is drawn; the model's
-    max_seq_len bounds it), ``cfg.steps`` denoising steps per block with ``cfg.method``.
+                   min_entropy: float = 0.0, entropy_window: int = 256, pad_token_id: int = 0,
+                   prompt: torch.Tensor | None = None) -> BlockSampleOutput:
+    """Block-by-block generation of rows of up to ``max_tokens`` tokens (the model's max_seq_len bounds them),
+    ``cfg.steps`` denoising steps per block with ``cfg.method``.
+
+    ``prompt`` (B, P) starts every row: its whole blocks enter the clean prefix block by block (as in training,
+    blocks sit at multiples of L'), and its tail is the fixed start of the first generated block, which ``generate``
+    never changes. The returned rows include the prompt.
 
     Variable length (BD3-LM ``_check_stop_conds``): a row stops at its first ``eos_token_id`` (kept), or, with
     ``min_entropy`` > 0, when the unigram entropy of its last ``entropy_window`` tokens falls below
@@ -371,22 +376,35 @@ def block_generate(model, num_samples: int, max_tokens: int, block_size: int, ma
     from .model import KVCache
 
     cache = KVCache() if use_kv_cache else None
-    z = torch.empty(num_samples, 0, dtype=torch.long, device=device)
+    prompt = torch.empty(num_samples, 0, dtype=torch.long, device=device) if prompt is None else prompt.to(device)
+    full = prompt.shape[1] // block_size
+    z = prompt[:, :full * block_size]
     stop = torch.full((num_samples,), max_tokens, dtype=torch.long, device=device)  # tokens kept per row
     rows = torch.arange(num_samples, device=device)[:, None]
     calls = blocks_run = 0
-    for b in range(blocks):
+
+    def append(block: torch.Tensor, end: int) -> int:
+        """A finished (clean) block into the KV cache, its queries attending the cache and itself; no logits."""
+        if cache is None:
+            return 0
+        cache.recording = True
+        model(block, position_ids=torch.arange(end - block_size, end, device=device), kv_cache=cache,
+              logits_index=torch.empty(0, dtype=torch.long, device=device))
+        cache.recording = False
+        return 1
+
+    for b in range(full):
+        calls += append(prompt[:, b * block_size:(b + 1) * block_size], (b + 1) * block_size)
+    for b in range(full, blocks):
         canvas = torch.full((num_samples, block_size), mask_token_id, dtype=torch.long, device=device)
+        tail = prompt[:, z.shape[1]:z.shape[1] + block_size]
+        canvas[:, :tail.shape[1]] = tail
         res = generate(_BlockDenoiser(model, z, cache, block_size), canvas, mask_token_id, cfg, generator, rows)
         z, calls, blocks_run = torch.cat([z, res.ids], 1), calls + res.network_calls, blocks_run + 1
-        if cache is not None:  # append the finished block (no logits needed)
-            cache.recording = True
-            model(res.ids, position_ids=torch.arange(z.shape[1] - block_size, z.shape[1], device=device),
-                  kv_cache=cache, logits_index=torch.empty(0, dtype=torch.long, device=device))
-            cache.recording, calls = False, calls + 1
+        calls += append(res.ids, z.shape[1])
         end = z.shape[1]
         if eos_token_id is not None:
-            is_eos = res.ids == eos_token_id
+            is_eos = (res.ids == eos_token_id) & (canvas == mask_token_id)  # generated tokens only
             first = is_eos.long().argmax(1) + end - block_size + 1
             stop = torch.where(is_eos.any(1) & (stop == max_tokens), first, stop)
         if min_entropy > 0 and end >= entropy_window:
@@ -403,11 +421,11 @@ def block_generate(model, num_samples: int, max_tokens: int, block_size: int, ma
 @torch.no_grad()
 def block_sample_checkpoint(model, tokenizer, indices: list[int], cfg: SamplerConfig, seed: int, max_tokens: int,
                             block_size: int, batch_size: int = 8, use_kv_cache: bool = True,
-                            stop_at_eos: bool = False, min_entropy: float = 0.0,
-                            entropy_window: int = 256) -> tuple[list[dict], int]:
+                            stop_at_eos: bool = False, min_entropy: float = 0.0, entropy_window: int = 256,
+                            prompt: torch.Tensor | None = None) -> tuple[list[dict], int]:
     """``sample_checkpoint`` for block diffusion: samples ``indices`` by ``block_generate`` (sample i from its own
-    generator, so batch- and process-independent), [{index, ids, text}] cut at each row's stop, and the network
-    calls made."""
+    generator, so batch- and process-independent) after ``prompt`` (P,), [{index, ids, text}] cut at each row's
+    stop, and the network calls made."""
     device = next(model.parameters()).device
     out, calls = [], 0
     for lo in range(0, len(indices), batch_size):
@@ -415,7 +433,7 @@ def block_sample_checkpoint(model, tokenizer, indices: list[int], cfg: SamplerCo
         res = block_generate(model, len(idx), max_tokens, block_size, tokenizer.mask_token_id, cfg,
                              sample_generators(seed, idx, device), use_kv_cache,
                              tokenizer.eos_token_id if stop_at_eos else None, min_entropy, entropy_window,
-                             tokenizer.pad_token_id)
+                             tokenizer.pad_token_id, None if prompt is None else prompt.expand(len(idx), -1))
         calls += res.network_calls
         for i, row, n in zip(idx, res.ids.tolist(), res.lengths.tolist()):
             out.append({"index": i, "ids": row[:n], "text": tokenizer.decode(row[:n], skip_special_tokens=True)})

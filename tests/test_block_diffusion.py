@@ -277,8 +277,8 @@ def test_block_task_trains_evaluates_and_samples(tmp_path, capsys):
     assert run_json(generate, argv + ["--out", str(out), "--no-kv-cache"])["kv_cache"] is False
     assert out.read_text() == cached
     capsys.readouterr()
-    assert generate.main(["--checkpoint", ckpt, "--prompt", "a"]) == 2
-    assert "--block-size: block sampling generates from scratch" in capsys.readouterr().err
+    assert generate.main(["--checkpoint", ckpt, "--template", "a [MASK]"]) == 2
+    assert "--block-size: block sampling continues a --prompt prefix" in capsys.readouterr().err
     # the clipped-schedule search: a near-constant t (masked fraction ~0.5) spreads the loss less than t over [t_min, 1]
     search = run_json(load_script("clip_search"), ["--checkpoint", ckpt, "--bounds", "0.5,0.51", "--max-sequences",
                                                    "32", "--batch-size", "4", "--passes", "2", "--json"])
@@ -447,3 +447,19 @@ def test_hf_backbones_take_the_block_causal_mask(tmp_path, family):
                                                                                 "trainer.run_name": "shift"})))
         with pytest.raises(ConfigError, match="model.attention_anneal_steps must be 0"):
             load_config(None, over + ["model.attention_anneal_steps=5"])
+
+
+def test_block_sampling_continues_a_prompt():
+    """Whole prompt blocks enter the clean prefix: greedy low-confidence sampling (no randomness) continued from
+    the first two blocks of a free sample reproduces the rest of it. A prompt ending inside a block is that
+    block's fixed start; cached and uncached agree there too."""
+    model = tiny_model(max_seq_len=24).eval()
+    cfg = SamplerConfig(steps=2, method="low_confidence", temperature=0.0)
+    free = block_generate(model, 2, 24, 4, MASK, cfg)
+    cont = block_generate(model, 2, 24, 4, MASK, cfg, prompt=free.ids[:, :8])
+    assert torch.equal(cont.ids, free.ids) and cont.blocks_run == 4
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]]).expand(2, -1)
+    runs = [block_generate(model, 2, 24, 4, MASK, SamplerConfig(steps=3), sample_generators(1, range(2)),
+                           use_kv_cache=kv, prompt=prompt) for kv in (True, False)]
+    assert torch.equal(runs[0].ids, runs[1].ids) and torch.equal(runs[0].ids[:, :6], prompt)
+    assert (runs[0].ids != MASK).all() and runs[0].blocks_run == 5
