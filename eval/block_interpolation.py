@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "block_interpolation.yaml"))
     p.add_argument("--block-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--max-steps", type=int, default=0, help="0 = the config's")
+    p.add_argument("--seed", type=int, default=None, help="trainer.seed of every run (runs under <output_dir>/seed_N)")
     p.add_argument("--mc-passes", type=int, default=4)
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--out", help="JSON file for the table; a PNG plot is written beside it")
@@ -68,6 +69,9 @@ def main(argv=None) -> int:
     cfg = yaml.safe_load(Path(a.config).read_text())
     seq_len, out_dir = cfg["data"]["seq_len"], ROOT / cfg["trainer"]["output_dir"]
     steps = [f"trainer.max_steps={a.max_steps}"] if a.max_steps else []
+    if a.seed is not None:
+        out_dir = out_dir / f"seed_{a.seed}"
+        steps += [f"trainer.seed={a.seed}", f"trainer.output_dir={out_dir}"]
     arms = [("ar", ["model.causal=true"])] + [(f"block_{b}", [f"diffusion.block_size={b}"]) for b in a.block_sizes]
     rows = {}
     for name, extra in arms:
@@ -91,7 +95,8 @@ def main(argv=None) -> int:
                       "sampling_tokens_per_s": a.num_samples * seq_len / gen["seconds"],
                       "network_calls": gen["network_calls"]}
         print(name, json.dumps(rows[name]), file=sys.stderr)
-    result = {"config": a.config, "max_steps": a.max_steps or cfg["trainer"]["max_steps"], "rows": rows}
+    result = {"config": a.config, "max_steps": a.max_steps or cfg["trainer"]["max_steps"], "seed": a.seed,
+              "rows": rows}
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
         plot(rows, seq_len, Path(a.out).with_suffix(".png"))
