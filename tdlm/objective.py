@@ -29,12 +29,13 @@ class StepOutputs:
     input_ids: torch.Tensor
     valid: torch.Tensor          # (B, L) bool
     masked: torch.Tensor | None = None   # (B, L) bool
-    t: torch.Tensor | None = None        # (B,)
-    weight: torch.Tensor | None = None   # (B,) NELBO weight of each sequence (w(t); exact-k: (L/k) c_k), unclipped
+    t: torch.Tensor | None = None        # (B,); block diffusion (B, L / L'), one per block
+    weight: torch.Tensor | None = None   # (B,) NELBO weight of each sequence (w(t); exact-k: (L/k) c_k), unclipped;
+    #                                      block diffusion (B, L / L'), one per block (``token_weight``)
     token_ce: torch.Tensor | None = None     # (M,) CE of masked tokens (AR: (B, L-1) NLL)
     logits: torch.Tensor | None = None       # (M, V) logits of masked tokens (AR: (B, L, V))
     positions: torch.Tensor | None = None    # (M,) flat index b * L + i of each masked token, row-major
-    t_ratio: torch.Tensor | None = None      # (B,) p(t) / q(t) of an importance-sampled t (None: 1)
+    t_ratio: torch.Tensor | None = None      # (B,) p(t) / q(t) of an importance-sampled t (None: 1); blocks as t
 
 
 def masked_diffusion_outputs(model, ids: torch.Tensor, valid: torch.Tensor, masked: torch.Tensor,
