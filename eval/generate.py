@@ -80,8 +80,8 @@ def parse_args(argv):
                         "entropy (nats; 0 = off; BD3-LM: 4 over 256 GPT-2 tokens)")
     p.add_argument("--entropy-window", type=int, default=256)
     args = p.parse_args(argv)
-    if args.entropy_window < 1 or args.min_entropy < 0:
-        p.error("--entropy-window must be >= 1 and --min-entropy >= 0")
+    if args.entropy_window < 1 or args.min_entropy < 0 or args.block_size < -1:
+        p.error("--entropy-window must be >= 1, --min-entropy >= 0 and --block-size >= 0")
     return args
 
 
