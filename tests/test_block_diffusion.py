@@ -294,10 +294,10 @@ def run_losses(run_dir):
 
 
 @pytest.mark.slow
-def test_block_task_two_processes_match_one_and_resume_exactly(tmp_path):
+def test_block_task_two_processes_match_one_and_resume_exactly(tmp_path, capsys):
     """Per-block t stratified over the *global* batch x blocks, drawn by the step's generator: 2 processes x 4 rows
     log what 1 process x 4 rows x 2 accumulation steps logs; stopping after step 4 and resuming gives the
-    uninterrupted run's losses bitwise."""
+    uninterrupted run's losses bitwise; ``eval/perplexity.py`` on 2 processes gives the 1-process block NELBO."""
     from pathlib import Path
 
     from tdlm.tasks import text_engine
@@ -325,6 +325,34 @@ def test_block_task_two_processes_match_one_and_resume_exactly(tmp_path):
     assert set(two) == set(ref) and any(k[1] == "val/loss" for k in ref)
     for key, value in ref.items():
         assert math.isclose(two[key], value, rel_tol=1e-5), (key, two[key], value)
+    # evaluation: the per-block noise is a function of each row's global index, so 2 processes score what 1 does
+    import json
+
+    from test_eval_cli import load_script
+
+    ckpt = str(tmp_path / "runs" / "one" / "checkpoints" / "step_0000006")
+    argv = ["--checkpoint", ckpt, "--estimator", "stratified", "--mc-passes", "2", "--batch-size", "4", "--json"]
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    # the launch eval/perplexity.py documents (a --config_file launch gives each eval script process a world of 1)
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(root / "eval" / "perplexity.py"), *argv]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(root),
+                               "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two_eval = json.loads(proc.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    assert load_script("perplexity").main(argv) == 0
+    one_eval = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert two_eval["block_size"] == 4 == one_eval["block_size"] and two_eval["num_processes"] == 2
+    assert two_eval["num_tokens"] == one_eval["num_tokens"]
+    for a, b in zip(two_eval["per_pass"], one_eval["per_pass"]):
+        assert math.isclose(a, b, rel_tol=1e-9), (two_eval["per_pass"], one_eval["per_pass"])
 
 
 def test_the_clipped_schedule_changes_the_training_noise_only(tmp_path):
