@@ -7,6 +7,7 @@ left-to-right sampling with the same temperature / top-k / top-p.
     python eval/generate.py --checkpoint CKPT --template "a b [MASK] [MASK] c [MASK] d"   # infilling
     python eval/generate.py --checkpoint runs/sft --prompt "What does json.dumps do?"  # an SFT response
     python eval/generate.py --checkpoint runs/sft --prompts held_out.jsonl --method low_confidence  # vs references
+    python eval/generate.py --checkpoint CKPT --block-size 4 --steps 4 --seq-len 1000 --stop-at-eos  # blocks
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no eval/generate.py --checkpoint CKPT --num-samples 8 --out s.jsonl   # same samples
 
@@ -16,6 +17,11 @@ An SFT run (data.source=sft), ``--sft`` or ``--prompts`` renders each prompt wit
 Sample i is drawn with its own generator seeded by (--seed, i), so the samples do not depend on the batch size
 or the number of processes. Writes one JSON object per sample ({index, text, ids}) to --out, sorted by index,
 and prints a summary (with --json, one JSON object: network calls, steps, seconds).
+
+Block diffusion (``--block-size``, by default the checkpoint's own ``block_size``): blocks of L' tokens left to
+right with a KV cache of the finished blocks, ``--steps`` steps *per block* with ``--method``; with
+``--stop-at-eos`` / ``--min-entropy`` a sample ends at its first EOS or when the unigram entropy of its last
+``--entropy-window`` tokens drops below ``--min-entropy`` nats (``tdlm.sampling.block_generate``).
 """
 
 from __future__ import annotations
@@ -30,9 +36,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tdlm.accel import gather_objects, run_script, shard
+from tdlm.config import ConfigError
 from tdlm.likelihood import eval_split
 from tdlm.runs import load_checkpoint
-from tdlm.sampling import METHODS, STEP_SCHEDULES, SamplerConfig, build_canvas, sample_checkpoint
+from tdlm.objective import effective_block_size
+from tdlm.sampling import (METHODS, STEP_SCHEDULES, SamplerConfig, block_sample_checkpoint, build_canvas,
+                           sample_checkpoint)
 from tdlm.sft import generate_responses, read_prompts
 
 
@@ -71,7 +80,18 @@ def parse_args(argv):
     p.add_argument("--out", help="JSONL file for the samples")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_sampler_args(p)
-    return p.parse_args(argv)
+    p.add_argument("--block-size", type=int, default=-1,
+                   help="block diffusion: L' tokens per block (default: the checkpoint's; 0 = one canvas)")
+    p.add_argument("--no-kv-cache", action="store_true", help="block diffusion: rerun the prefix every step")
+    p.add_argument("--stop-at-eos", action="store_true", help="block diffusion: a sample ends at its first EOS")
+    p.add_argument("--min-entropy", type=float, default=0.0,
+                   help="block diffusion: end a sample whose last --entropy-window tokens have a lower unigram "
+                        "entropy (nats; 0 = off; BD3-LM: 4 over 256 GPT-2 tokens)")
+    p.add_argument("--entropy-window", type=int, default=256)
+    args = p.parse_args(argv)
+    if args.entropy_window < 1 or args.min_entropy < 0 or args.block_size < -1:
+        p.error("--entropy-window must be >= 1, --min-entropy >= 0 and --block-size >= 0")
+    return args
 
 
 def first_tokens(ck, accelerator) -> list[int] | None:
@@ -97,13 +117,26 @@ def run(args, accelerator) -> tuple[list[dict], dict]:
     cfg = sampler_config(args, tok)
     model = ck.model.to(accelerator.device)
     first = first_tokens(ck, accelerator) if ck.causal and not args.prompt else None
+    block_size = args.block_size if args.block_size >= 0 else getattr(ck.model.config, "block_size", 0)
+    block_size = 0 if ck.causal else effective_block_size(block_size, seq_len)
+    if block_size and args.template:
+        raise ConfigError("--block-size: block sampling continues a --prompt prefix; it cannot fill a --template "
+                          "(pass --block-size 0)")
     start = time.perf_counter()
-    mine, calls = sample_checkpoint(model, tok, shard(accelerator, args.num_samples), cfg, args.seed, canvas,
-                                    args.batch_size, first)
+    if block_size:
+        mine, calls = block_sample_checkpoint(model, tok, shard(accelerator, args.num_samples), cfg, args.seed,
+                                              seq_len, block_size, args.batch_size, not args.no_kv_cache,
+                                              args.stop_at_eos, args.min_entropy, args.entropy_window,
+                                              canvas[canvas != tok.mask_token_id] if args.prompt else None)
+    else:
+        mine, calls = sample_checkpoint(model, tok, shard(accelerator, args.num_samples), cfg, args.seed, canvas,
+                                        args.batch_size, first)
     samples = sorted(gather_objects(accelerator, mine), key=lambda s: s["index"])
     calls = sum(gather_objects(accelerator, [calls]))
     summary = {"checkpoint": str(ck.path), "causal": ck.causal, "num_samples": len(samples), "seq_len": len(canvas),
                "method": "autoregressive" if ck.causal else cfg.method, "steps": args.steps,
+               "block_size": block_size,
+               "kv_cache": bool(block_size) and not args.no_kv_cache and getattr(model, "supports_kv_cache", False),
                "network_calls": calls, "seconds": time.perf_counter() - start, "seed": args.seed,
                "num_processes": accelerator.num_processes}
     return samples, summary

@@ -12,6 +12,8 @@ Estimators (``tdlm/likelihood.py``): ``stratified`` t (default), ``iid`` t, and 
 unbiased for the bound the trainer reports as ``val/loss`` (same schedule, same t_min, read from the run's
 config.yaml). ``stderr`` is the Monte-Carlo standard error over ``--mc-passes`` passes (null for one pass).
 Without a data option the run's own data config is used. Exit code 2 with one line on stderr for bad input.
+A block-diffusion checkpoint (``block_size`` in its model config) is scored on the block NELBO, each estimator
+applied per block of L' tokens (``block_size`` in the JSON).
 """
 
 from __future__ import annotations

@@ -119,6 +119,15 @@ class DiffusionSection:
     never_mask: list = field(default_factory=list)
     """Tokens that stay clean and out of the loss (bos, eos, sep, cls, unk, or a token string); they are not in the
     bound's denominator either (docs/sft.md)."""
+    block_size: int = 0
+    """Block diffusion (BD3-LM): rows cut into blocks of this many tokens, each with its own t, denoised given the
+    clean blocks before it (``tdlm/objective.py``); 1 is autoregressive, 0 or data.seq_len plain MDLM. Must
+    divide data.seq_len; training runs one forward over 2 x seq_len tokens."""
+    t_clip: list = field(default_factory=list)
+    """Block diffusion, bernoulli estimator: [lo, hi] with t_min <= lo < hi <= 1, BD3-LM's clipped schedule. Training
+    t ~ U[lo, hi] (the masked fraction, linear schedule) with weight w(t): a lower-variance gradient of an objective
+    that is not the NELBO (so train/loss is not the bound); val/loss and evaluation integrate over [t_min, 1]. []
+    = off."""
 
 
 @dataclass
@@ -166,6 +175,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.diffusion.estimator != "bernoulli" and cfg.model.causal:
         raise ConfigError(f"diffusion.estimator: {cfg.diffusion.estimator} is a masked-diffusion estimator; an AR "
                           f"run (model.causal=true) draws no noise")
+    validate_block_size(cfg)
     if not 0.0 < cfg.diffusion.loglinear_eps < 1.0:
         raise ConfigError(f"diffusion.loglinear_eps: must be in (0, 1), got {cfg.diffusion.loglinear_eps}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
@@ -196,6 +206,38 @@ def validate_sequences(cfg: RunConfig) -> None:
     if d.document_mask and (d.source in ("sft", "markov") or not d.packing):
         raise ConfigError(f"data.document_mask: needs packed documents (data.packing=true, a text source), not "
                           f"source={d.source} packing={d.packing}")
+
+
+def validate_block_size(cfg: RunConfig) -> None:
+    """``diffusion.block_size``: a divisor of data.seq_len (blocks tile every row), on a bidirectional denoiser with
+    a fixed attention (a Hugging Face backbone's interface is checked when it is built, ``tdlm.hf_backbone``)."""
+    bs, seq_len = cfg.diffusion.block_size, cfg.data.seq_len
+    if bs < 0:
+        raise ConfigError(f"diffusion.block_size: must be >= 0 (0 = plain MDLM), got {bs}")
+    if bs and seq_len % bs:
+        raise ConfigError(f"diffusion.block_size: {bs} does not divide data.seq_len {seq_len}; blocks must tile "
+                          f"every row (use a divisor of {seq_len})")
+    if bs and cfg.model.causal:
+        raise ConfigError(f"diffusion.block_size: {bs} needs a bidirectional denoiser, but model.causal=true "
+                          f"(block_size=1 is the autoregressive end of block diffusion)")
+    clip = cfg.diffusion.t_clip
+    if clip:
+        if not 0 < bs < seq_len:
+            raise ConfigError("diffusion.t_clip: the clipped schedule is for block diffusion; set a "
+                              "diffusion.block_size below data.seq_len")
+        if cfg.diffusion.estimator != "bernoulli":
+            raise ConfigError(f"diffusion.t_clip: applies to the bernoulli estimator, not {cfg.diffusion.estimator}")
+        if (len(clip) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clip)
+                or not cfg.diffusion.t_min <= clip[0] < clip[1] <= 1.0):
+            raise ConfigError(f"diffusion.t_clip: need [lo, hi] with t_min={cfg.diffusion.t_min} <= lo < hi <= 1, "
+                              f"got {clip}")
+    if bs and (cfg.data.document_mask or cfg.data.source == "sft"):
+        raise ConfigError(f"diffusion.block_size: {bs} with "
+                          f"{'data.document_mask' if cfg.data.document_mask else 'data.source=sft'} is not supported "
+                          f"yet (block diffusion builds its own block-causal mask over whole rows)")
+    if bs and cfg.model.attention_anneal_steps:
+        raise ConfigError(f"diffusion.block_size: {bs} fixes the attention to the block-causal mask; "
+                          f"model.attention_anneal_steps must be 0")
 
 
 LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": list}

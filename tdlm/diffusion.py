@@ -160,3 +160,12 @@ def exact_nelbo(logprob_fn, x: torch.Tensor, mask_token_id: int, t_min: float = 
             lp = logprob_fn(z)
             total += coef * float(-lp[idx, x[idx]].double().sum())
     return total
+
+
+def exact_block_nelbo(block_logprob_fn, x: torch.Tensor, block_size: int, mask_token_id: int,
+                      t_min: float = 0.0) -> float:
+    """Exact block-diffusion NELBO (BD3-LM, linear schedule) of one short sequence: the sum over blocks b of
+    ``exact_nelbo`` of block b given the clean blocks before it, each block with its own t.
+    ``block_logprob_fn(b, z) -> (L', V)`` log-probabilities of block b's positions when block b reads z."""
+    return sum(exact_nelbo(lambda z, b=b: block_logprob_fn(b, z), x[b * block_size:(b + 1) * block_size],
+                           mask_token_id, t_min) for b in range(x.numel() // block_size))

@@ -50,6 +50,7 @@ class Adaptation:
     t_min: float = 1e-3
     loglinear_eps: float = 1e-3
     lora_merged: bool = False
+    block_size: int = 0         # block diffusion's L' (0 = plain MDLM), as ``TdlmConfig.block_size``
 
 
 class BackboneConfig:
@@ -59,6 +60,7 @@ class BackboneConfig:
         self.hf = hf_config
         self.causal, self.mask_token_id, self.pad_token_id = a.causal, a.mask_token_id, a.pad_token_id
         self.schedule, self.t_min, self.loglinear_eps = a.schedule, a.t_min, a.loglinear_eps
+        self.block_size = a.block_size
         self.num_layers = num_layers
         self.num_heads = _first_attr(hf_config, "num_attention_heads", "n_head", "n_heads", default=1)
         self.hidden_size = _first_attr(hf_config, "hidden_size", "n_embd", "dim", "hidden_dim", default=0)
@@ -115,9 +117,9 @@ class HFBackbone(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def _attention_mask(self, ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype):
         """The mask the HF model gets: 2D (or none) where it keeps its own attention; for an adapted causal LM, or
-        a boolean pair mask (B, L, L) / (B, 1, L, L) (document-masked packing), a 4D additive mask (B, 1, L, L),
-        which HF models use as given: 0 where a query may attend, dtype-min elsewhere (a causal LM kept causal
-        gets the causal mask ANDed in here, as tdlm's backbone does)."""
+        a boolean pair mask (B, L, L) / (B, 1, L, L) (document-masked packing, block diffusion's block-causal
+        mask), a 4D additive mask (B, 1, L, L), which HF models use as given: 0 where a query may attend,
+        dtype-min elsewhere (a causal LM kept causal gets the causal mask ANDed in here, as tdlm's backbone does)."""
         pair = attention_mask is not None and attention_mask.dim() > 2
         if not self.bidirectional and not pair:
             return attention_mask
@@ -151,6 +153,10 @@ class HFBackbone(nn.Module):
         elif a.interface == "logits":
             out = self.hf(ids, attention_mask=attention_mask) if attention_mask is not None else self.hf(ids)
         else:
+            if kwargs.get("position_ids") is None:
+                kwargs.pop("position_ids", None)
+            elif kwargs["position_ids"].dim() == 1:  # (L,) for the batch, as tdlm's backbone takes them
+                kwargs["position_ids"] = kwargs["position_ids"][None].expand(ids.shape[0], -1)
             out = self.hf(input_ids=ids, attention_mask=self._attention_mask(ids, attention_mask, self._float_dtype()),
                           use_cache=False, **kwargs)
         return out
@@ -172,7 +178,8 @@ class HFBackbone(nn.Module):
     def forward(self, input_ids, attention_mask=None, logits_mask=None, return_attention: bool = False,
                 return_all_hidden: bool = False, logits_index=None, position_ids=None):
         """As ``TdlmForMaskedOrCausalLM.forward``: logits (B, L, V), or at ``logits_mask`` / ``logits_index``;
-        ``position_ids`` (B, L) go to the HF model's own argument (masked and causal families)."""
+        ``position_ids`` (B, L) go to the HF model's own argument and a pair ``attention_mask`` (document masks,
+        block diffusion) becomes its 4D mask (masked and causal families)."""
         if return_attention or return_all_hidden:
             out = self.hidden_states(input_ids, attention_mask, return_attention, return_all_hidden, position_ids)
             out["logits"] = self._select(out.pop("_logits"), input_ids.shape, logits_mask, logits_index,
@@ -265,6 +272,10 @@ def _auto_config(path: str, trust_remote_code: bool, key: str = "model.pretraine
         if raw.get("auto_map") and not trust_remote_code:
             raise ConfigError(f"{key}: {path} ships its own modelling code ({', '.join(raw['auto_map'].values())}); "
                               f"set model.trust_remote_code=true to run it")
+        if raw.get("model_type") == "tdlm":  # tdlm's own export: AutoConfig does not know the type
+            from tdlm.model import TdlmConfig
+
+            return TdlmConfig.from_pretrained(path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - many loader errors; one clear line for the user
@@ -370,8 +381,13 @@ def build_pretrained(model_section, diffusion_section, tokenizer, seq_len: int, 
     if seq_len > backbone_len:
         raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's {backbone_len} positions ({m.pretrained})")
     hf.config.pad_token_id = tokenizer.pad_token_id
+    if d.block_size and (interface not in ("masked", "causal") or shift):
+        why = ("its logits are shifted (set model.shift_logits=false)" if shift else
+               f"the {interface} remote-code interface takes no attention mask or positions")
+        raise ConfigError(f"diffusion.block_size: {d.block_size} needs the block-causal mask through the model's "
+                          f"attention-mask interface, but {m.pretrained}: {why}")
     a = Adaptation(interface, m.causal, shift, tokenizer.mask_token_id, tokenizer.pad_token_id,
-                   d.schedule, d.t_min, d.loglinear_eps)
+                   d.schedule, d.t_min, d.loglinear_eps, block_size=d.block_size)
     if m.gradient_checkpointing:
         if not getattr(hf, "supports_gradient_checkpointing", False):
             raise ConfigError(f"model.gradient_checkpointing: {config.model_type} does not support it")
@@ -402,6 +418,7 @@ def _continue_tdlm(m, d, tokenizer, seq_len: int):
     if seq_len > c.max_seq_len:
         raise ConfigError(f"data.seq_len: {seq_len} exceeds the checkpoint's max_seq_len {c.max_seq_len}")
     c.schedule, c.t_min, c.loglinear_eps = d.schedule, d.t_min, d.loglinear_eps
+    c.block_size = d.block_size  # MDLM -> block diffusion fine-tuning (BD3-LM) records the new L'
     return model.train()
 
 

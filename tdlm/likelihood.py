@@ -18,6 +18,10 @@ summed over sequences and divided by the number of valid tokens:
   with I the regularised incomplete beta function. For t_min = 0 and the linear schedule c_k = 1: LLaDA's L/k.
   Because the same truncation is applied, all three estimators target exactly the same number.
 
+A block-diffusion checkpoint (``block_size`` L' in its config) is scored on the block NELBO: every block of L'
+tokens is one row of the estimator (its own t or k, strata over sequences x blocks; exact-k with the c_k of a
+block of L' tokens), and ``tdlm.objective.block_diffusion_outputs`` is the objective.
+
 Noise never depends on the process or the batch: each sequence's draws come from a generator seeded by
 (seed, pass, the sequence's global index ``idx``), and stratum assignments from (seed, pass). Per-sequence sums
 are gathered across processes and summed in index order, so any number of processes gives the same result.
@@ -36,7 +40,8 @@ import torch
 from .diffusion import NoiseSchedule, noise_mask
 from .engine.randomness import keyed_generator
 from .noise import exact_k_mask, exact_k_weight
-from .objective import autoregressive_outputs, masked_diffusion_outputs, sequence_sums
+from .objective import (autoregressive_outputs, block_diffusion_outputs, effective_block_size,
+                        masked_diffusion_outputs, sequence_sums)
 from .sequences import batch_positions, resolve_never_mask
 
 ESTIMATORS = ("stratified", "iid", "exact-k")
@@ -50,7 +55,8 @@ def noise_generator(seed: int, pass_idx: int, index: int) -> torch.Generator:
 class NelboEstimator:
     """Draws the masking noise and the per-sequence weight for one of ``ESTIMATORS``."""
 
-    def __init__(self, name: str, schedule: NoiseSchedule, t_min: float, seed: int, num_sequences: int):
+    def __init__(self, name: str, schedule: NoiseSchedule, t_min: float, seed: int, num_sequences: int,
+                 block_size: int = 0):
         if name not in ESTIMATORS:
             raise ValueError(f"--estimator: unknown estimator {name!r}; valid: {', '.join(ESTIMATORS)}")
         if not 0.0 <= t_min < 1.0:
@@ -60,13 +66,15 @@ class NelboEstimator:
             raise ValueError(f"--t-min: the {name} estimator needs t_min > 0 (infinite variance at 0); "
                              f"exact-k works with t_min = 0")
         self.name, self.schedule, self.t_min, self.seed, self.n = name, schedule, t_min, seed, num_sequences
+        self.block_size = block_size  # block diffusion: every block of a sequence is one row of the estimator
         self._perms: dict[int, torch.Tensor] = {}
 
-    def _strata(self, pass_idx: int) -> torch.Tensor:
-        """Stratum of every sequence in this pass: one permutation of 0..N-1, the same on every process."""
+    def _strata(self, pass_idx: int, units: int) -> torch.Tensor:
+        """Stratum of every sequence (or block) in this pass: one permutation of 0..units-1, the same on every
+        process."""
         if pass_idx not in self._perms:
             g = keyed_generator(self.seed, 0, salt=pass_idx * 998_244_353 + 424_242)
-            self._perms[pass_idx] = torch.randperm(self.n, generator=g)
+            self._perms[pass_idx] = torch.randperm(units, generator=g)
         return self._perms[pass_idx]
 
     def exact_k_weight(self, k: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -75,32 +83,51 @@ class NelboEstimator:
         return exact_k_weight(k, length, self.schedule, self.t_min)
 
     def noise(self, valid: torch.Tensor, index: torch.Tensor, pass_idx: int):
-        """Masked positions (B, L) bool (never on pads) and per-sequence weights (B,) float64."""
+        """Masked positions (B, L) bool (never on pads) and per-sequence weights (B,) float64; with ``block_size``
+        per-block weights (B, L / L'): each block draws its own t (or k), strata over sequences x blocks."""
         B, L = valid.shape
+        nb = L // self.block_size if self.block_size else 1
         valid_cpu = valid.cpu()
-        # One draw of L + 1 uniforms per sequence from its own generator: u[:, 0] picks t (or k), u[:, 1:] the mask.
-        u = torch.stack([torch.rand(L + 1, generator=noise_generator(self.seed, pass_idx, i), dtype=torch.float64)
-                         for i in index.tolist()]) if B else torch.empty(0, L + 1, dtype=torch.float64)
+        # One draw of L + nb uniforms per sequence from its own generator: u[:, :nb] pick t (or k) of each block,
+        # u[:, nb:] the mask (nb = 1 without blocks).
+        u = torch.stack([torch.rand(L + nb, generator=noise_generator(self.seed, pass_idx, i), dtype=torch.float64)
+                         for i in index.tolist()]) if B else torch.empty(0, L + nb, dtype=torch.float64)
+        if nb > 1:
+            width = self.block_size
+            strata = index.cpu()[:, None] * nb + torch.arange(nb)  # (B, nb) unit of each block in 0..N*nb-1
+            masked, weight = self._rows_noise(u[:, :nb].reshape(-1), u[:, nb:].reshape(-1, width),
+                                              valid_cpu.reshape(-1, width), strata.reshape(-1), pass_idx, self.n * nb)
+            return masked.view(B, L).to(valid.device), weight.view(B, nb).to(valid.device)
+        masked, weight = self._rows_noise(u[:, 0], u[:, 1:], valid_cpu, index.cpu(), pass_idx, self.n)
+        return masked.to(valid.device), weight.to(valid.device)
+
+    def _rows_noise(self, u_first, u_mask, valid_cpu, unit, pass_idx: int, units: int):
+        """(masked, weight) of rows (sequences, or blocks) with uniforms ``u_first`` (N,), ``u_mask`` (N, L)."""
         if self.name == "exact-k":  # k ~ U{1..L_valid}, a uniformly random k-subset of the valid positions
-            masked, k = exact_k_mask(u[:, 0], u[:, 1:], valid_cpu)
+            masked, k = exact_k_mask(u_first, u_mask, valid_cpu)
             weight = self.exact_k_weight(k, valid_cpu.sum(1))
         else:
-            u_t = u[:, 0]
+            u_t = u_first
             if self.name == "stratified":
-                u_t = (self._strata(pass_idx)[index.cpu()].double() + u_t) / self.n
-            t = self.t_min + (1.0 - self.t_min) * u_t  # (B,) float64
-            masked = noise_mask(t, u[:, 1:], self.schedule, valid_cpu)
+                u_t = (self._strata(pass_idx, units)[unit].double() + u_t) / units
+            t = self.t_min + (1.0 - self.t_min) * u_t  # (N,) float64
+            masked = noise_mask(t, u_mask, self.schedule, valid_cpu)
             weight = self.schedule.weight(t)
-        return masked.to(valid.device), weight.to(valid.device)
+        return masked, weight
 
 
 @torch.no_grad()
 def sequence_nelbo(model, ids: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, mask_token_id: int,
-                   attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sequence weighted CE over masked positions, (B,) float64: ``tdlm.objective``, as in training."""
+                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                   block_size: int = 0) -> torch.Tensor:
+    """Per-sequence weighted CE over masked positions, (B,) float64: ``tdlm.objective``, as in training (the
+    block NELBO with ``block_size``, ``weight`` then per block)."""
     positions = masked.flatten().nonzero().squeeze(1)
     # ``valid`` only sets the outputs' token count, which the NELBO column does not use
+    if block_size:
+        out = block_diffusion_outputs(model, ids, masked, masked, positions, weight, mask_token_id, block_size,
+                                      attention_mask)
+        return sequence_sums(out)[:, 0]
     out = masked_diffusion_outputs(model, ids, masked, masked, positions, weight, mask_token_id, attention_mask,
                                    position_ids=position_ids)
     return sequence_sums(out)[:, 0]
@@ -158,7 +185,7 @@ def evaluate(model, dataloader, accelerator, pad_token_id: int, mask_token_id: i
             sums, tokens = nll[:, None], n_tgt
         else:
             sums = torch.stack([sequence_nelbo(model, ids, *estimator.noise(valid, idx, p), mask_token_id, attn,
-                                               where) for p in range(passes)], 1)  # (B, K)
+                                               where, estimator.block_size) for p in range(passes)], 1)  # (B, K)
             tokens = valid.double().sum(1)
         rows = torch.cat([idx.double()[:, None], tokens[:, None], sums], 1)  # (B, 2 + K)
         gathered.append(accelerator.gather_for_metrics(rows).cpu())
@@ -208,7 +235,8 @@ def score_rows(ck, ds, accelerator, estimator: str = "stratified", passes: int =
     t_min = t_min if t_min is not None else mc.t_min
     est = None
     if not ck.causal:
-        est = NelboEstimator(estimator, noise_schedule(mc), t_min, seed, len(ds))
+        block_size = effective_block_size(getattr(mc, "block_size", 0), ds[0]["input_ids"].numel())
+        est = NelboEstimator(estimator, noise_schedule(mc), t_min, seed, len(ds), block_size)
     passes = 1 if ck.causal else passes
     # the run's never-masked tokens (config.yaml beside the checkpoint); none for a bare model directory
     never = resolve_never_mask(ck.config.diffusion.never_mask, tok) if ck.config is not None else ()
@@ -216,7 +244,8 @@ def score_rows(ck, ds, accelerator, estimator: str = "stratified", passes: int =
     del model, dl  # prepared objects must not outlive the accelerator (gloo teardown)
     recipe = {"kind": "exact" if ck.causal else "bound", "mc_passes": passes,
               "estimator": "exact-autoregressive" if ck.causal else estimator, "seed": seed,
-              "schedule": None if ck.causal else mc.schedule, "t_min": None if ck.causal else t_min}
+              "schedule": None if ck.causal else mc.schedule, "t_min": None if ck.causal else t_min,
+              "block_size": est.block_size if est else None}
     return res, recipe
 
 
@@ -238,5 +267,31 @@ def checkpoint_likelihood(ck, accelerator, split: str = "validation", data_dir: 
             "stderr": 0.0 if ck.causal else res.stderr, "mc_passes": recipe["mc_passes"],
             "estimator": recipe["estimator"], "num_tokens": res.num_tokens,
             "num_sequences": res.num_sequences, "seed": seed, "per_pass": res.per_pass,
-            "schedule": recipe["schedule"], "t_min": recipe["t_min"],
+            "schedule": recipe["schedule"], "t_min": recipe["t_min"], "block_size": recipe["block_size"],
             "num_processes": accelerator.num_processes}
+
+
+@torch.no_grad()
+def clipped_loss_spread(model, rows: torch.Tensor, pad_token_id: int, mask_token_id: int, block_size: int,
+                        schedule: NoiseSchedule, t_min: float, bounds: tuple[float, float] | None, batch_size: int,
+                        passes: int, seed: int = 0) -> dict:
+    """BD3-LM's clipped-schedule search criterion (``_clipped_schedule_search``): the spread over batches of the
+    per-token training loss under t_b ~ U[bounds] (None: [t_min, 1]), a proxy for the gradient variance.
+    ``rows`` (N, L) validation ids; ``passes`` noise draws per batch (generator keyed by pass and batch).
+    Returns {bounds, mean, var} of the per-batch losses (the mean is the clipped objective, not the NELBO)."""
+    from .noise import BlockTrainingNoise, TrainingNoise
+
+    noise = BlockTrainingNoise(TrainingNoise("bernoulli", schedule, t_min), block_size, bounds)
+    losses = []
+    for p in range(passes):
+        for i, lo in enumerate(range(0, rows.shape[0], batch_size)):
+            ids = rows[lo:lo + batch_size]
+            valid = ids != pad_token_id
+            masked, t, weight, _ = noise.mask(*noise.draw(keyed_generator(seed, i, salt=p + 1), ids.shape[0],
+                                                          ids.shape[1]), valid.cpu())
+            masked, weight = masked.to(ids.device), weight.to(ids.device)
+            out = block_diffusion_outputs(model, ids, valid, masked, masked.flatten().nonzero().squeeze(1), weight,
+                                          mask_token_id, block_size, valid)
+            losses.append(float(out.loss_sum) / max(int(valid.sum()), 1))
+    x = torch.tensor(losses, dtype=torch.float64)
+    return {"bounds": list(bounds) if bounds else [t_min, 1.0], "mean": float(x.mean()), "var": float(x.var())}

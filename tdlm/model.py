@@ -23,7 +23,7 @@ class TdlmConfig(PretrainedConfig):
                  intermediate_size: int = 0, max_seq_len: int = 512, rope_theta: float = 10000.0,
                  dropout: float = 0.0, tie_embeddings: bool = True, causal: bool = False,
                  mask_token_id: int = 0, pad_token_id: int = 1, schedule: str = "linear", t_min: float = 1e-3,
-                 loglinear_eps: float = 1e-3, **kwargs):
+                 loglinear_eps: float = 1e-3, block_size: int = 0, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -41,6 +41,7 @@ class TdlmConfig(PretrainedConfig):
         self.schedule = schedule
         self.t_min = t_min
         self.loglinear_eps = loglinear_eps
+        self.block_size = block_size  # block diffusion's L' (0 = plain MDLM): the block NELBO and block sampling
         kwargs.setdefault("tie_word_embeddings", tie_embeddings)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
@@ -125,6 +126,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class KVCache:
+    """Keys (after RoPE) and values of a finished prefix, per layer, for block-diffusion sampling: each finished
+    clean block is appended once (its queries attend the cache and the block itself, BD3-LM's clean-stream mask),
+    and every denoising step of the next block attends cache + noisy block without recomputing the prefix.
+
+    ``recording``: the next forward appends its keys and values. ``rows``: the batch rows a forward computes
+    (index into the cache's batch; None = all), so a sampler may recompute a subset of its rows."""
+
+    def __init__(self):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.recording = False
+        self.rows: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[2] if self.layers else 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a layer's queries attend: the cached prefix (of ``rows``) then the new ones."""
+        if layer < len(self.layers):
+            pk, pv = self.layers[layer]
+            if self.rows is not None:
+                pk, pv = pk.index_select(0, self.rows), pv.index_select(0, self.rows)
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        if self.recording:
+            if self.rows is not None:
+                raise ValueError("KVCache: append a block for every row (rows=None)")
+            if layer < len(self.layers):
+                self.layers[layer] = (k, v)
+            else:
+                self.layers.append((k, v))
+        return k, v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TdlmConfig):
         super().__init__()
@@ -135,10 +170,13 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.causal = cfg.causal
 
-    def forward(self, x, cos, sin, attn_mask=None, return_probs: bool = False):
+    def forward(self, x, cos, sin, attn_mask=None, return_probs: bool = False, kv_cache: KVCache | None = None,
+                layer: int = 0):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, L, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:  # queries attend the cached prefix and every new position (no mask)
+            k, v = kv_cache.extend(layer, k, v)
         probs = None
         if return_probs:  # explicit softmax for diagnostics; SDPA cannot return its weights
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
@@ -175,8 +213,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, attn_mask=None, return_probs=False):
-        a, probs = self.attn(self.attn_norm(x), cos, sin, attn_mask, return_probs)
+    def forward(self, x, cos, sin, attn_mask=None, return_probs=False, kv_cache=None, layer=0):
+        a, probs = self.attn(self.attn_norm(x), cos, sin, attn_mask, return_probs, kv_cache, layer)
         x = x + self.drop(a)
         x = x + self.drop(self.mlp(self.mlp_norm(x)))
         return x, probs
@@ -188,6 +226,7 @@ class TdlmForMaskedOrCausalLM(PreTrainedModel):
     config_class = TdlmConfig
     base_model_prefix = "tdlm"
     _supports_sdpa = True
+    supports_kv_cache = True  # ``KVCache``: block-diffusion sampling attends cached keys of finished blocks
     _tied_weights_keys = {"lm_head.weight": "embed.weight"}
 
     def __init__(self, config: TdlmConfig):
@@ -239,15 +278,19 @@ class TdlmForMaskedOrCausalLM(PreTrainedModel):
         self.lm_head = value
 
     def hidden_states(self, input_ids, attention_mask=None, return_attention: bool = False,
-                      return_all_hidden: bool = False, position_ids=None):
+                      return_all_hidden: bool = False, position_ids=None, kv_cache: KVCache | None = None):
         """Final normed hidden states (B, L, D), plus per-layer attention probs / hidden states on request.
 
         ``attention_mask``: (B, L) valid keys (padding), or a boolean pair mask (B, L, L) / (B, 1, L, L) whose
         [q, k] entry says query q may attend key k (document-masked packing, block diffusion); a causal model
         ANDs either with the causal mask. ``position_ids`` (B, L) or (L,): RoPE positions (default 0..L-1), so
         packed documents can restart at 0 and a block-diffusion pass over [noisy; clean] can repeat them.
+        ``kv_cache`` (``KVCache``, bidirectional model, no ``attention_mask``): every position also attends the
+        cached prefix; ``position_ids`` then place the new tokens after it.
         """
         B, L = input_ids.shape
+        if kv_cache is not None and (self.config.causal or attention_mask is not None or return_attention):
+            raise ValueError("kv_cache: for a bidirectional model, without attention_mask or return_attention")
         if position_ids is None and L > self.config.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds model max_seq_len {self.config.max_seq_len}")
         mask = None
@@ -270,8 +313,8 @@ class TdlmForMaskedOrCausalLM(PreTrainedModel):
                 cos, sin = cos[:, None], sin[:, None]  # broadcast over heads: (B, 1, L, hd/2)
         x = self.embed(input_ids)
         probs, hiddens = [], []
-        for block in self.blocks:
-            x, p = block(x, cos, sin, mask, return_attention)
+        for i, block in enumerate(self.blocks):
+            x, p = block(x, cos, sin, mask, return_attention, kv_cache, i)
             if return_attention:
                 probs.append(p)
             if return_all_hidden:
@@ -284,7 +327,8 @@ class TdlmForMaskedOrCausalLM(PreTrainedModel):
         return out
 
     def forward(self, input_ids, attention_mask=None, logits_mask=None, return_attention: bool = False,
-                return_all_hidden: bool = False, logits_index=None, position_ids=None):
+                return_all_hidden: bool = False, logits_index=None, position_ids=None,
+                kv_cache: KVCache | None = None):
         """Logits (B, L, V); with ``logits_mask`` (B, L) bool, logits of the selected positions only, (M, V);
         with ``logits_index`` (M,) int64, of the positions ``b * L + i`` it lists, in its order (no host sync:
         a boolean mask's count must be read back from the device, an index's length is known).
@@ -292,7 +336,8 @@ class TdlmForMaskedOrCausalLM(PreTrainedModel):
         The diffusion loss needs logits only at masked positions, so projecting just those onto the vocabulary
         saves about half the output-layer work. With a ``return_*`` flag a dict is returned instead.
         """
-        out = self.hidden_states(input_ids, attention_mask, return_attention, return_all_hidden, position_ids)
+        out = self.hidden_states(input_ids, attention_mask, return_attention, return_all_hidden, position_ids,
+                                 kv_cache)
         h = out["hidden"]
         if logits_index is not None:
             h = h.reshape(-1, h.shape[-1]).index_select(0, logits_index)
@@ -308,7 +353,8 @@ class TdlmForMaskedOrCausalLM(PreTrainedModel):
 def build_model(model_section, vocab_size: int, mask_token_id: int, pad_token_id: int,
                 diffusion_section=None) -> TdlmForMaskedOrCausalLM:
     s, d = model_section, diffusion_section
-    noise = {"schedule": d.schedule, "t_min": d.t_min, "loglinear_eps": d.loglinear_eps} if d is not None else {}
+    noise = ({"schedule": d.schedule, "t_min": d.t_min, "loglinear_eps": d.loglinear_eps, "block_size": d.block_size}
+             if d is not None else {})
     cfg = TdlmConfig(vocab_size=s.vocab_size or vocab_size, hidden_size=s.hidden_size, num_layers=s.num_layers,
                      num_heads=s.num_heads, intermediate_size=s.intermediate_size, max_seq_len=s.max_seq_len,
                      rope_theta=s.rope_theta, dropout=s.dropout, tie_embeddings=s.tie_embeddings, causal=s.causal,

@@ -19,6 +19,8 @@ scores (``tdlm/diffusion.py``, ``tdlm/likelihood.py``),
   square root of it (Owen, *Monte Carlo theory*, ch. 9): *more* mass near t_min than uniform, not less, so a > 0;
   a = 0.5 is the small-t optimum. a = 0 is the Bernoulli estimator.
 
+Block diffusion (``BlockTrainingNoise``) applies any of them per block of L' tokens: each block is one row.
+
 The draws of a step come from the step's generator for the whole global batch (``tdlm.engine.randomness``); the
 tensors are CPU tensors, one row per sequence.
 """
@@ -127,3 +129,37 @@ class TrainingNoise:
             return noise_mask(t, uniforms, self.schedule, valid), t, self.schedule.weight(t) * ratio, ratio
         masked = noise_mask(first, uniforms, self.schedule, valid)
         return masked, first, self.schedule.weight(first.float()), torch.ones_like(first)
+
+
+class BlockTrainingNoise:
+    """Block diffusion's noise (BD3-LM): every block of ``block_size`` tokens is a row of the wrapped estimator,
+    so each block draws its own t_b (or k_b: exact-k applies per block) stratified over the global batch x
+    blocks, and gets its own weight. Returns what ``TrainingNoise`` does with (B, L / L') for t, weight, ratio."""
+
+    def __init__(self, inner: TrainingNoise, block_size: int, t_clip: tuple[float, float] | None = None):
+        if t_clip and inner.estimator != "bernoulli":
+            raise ValueError(f"diffusion.t_clip: applies to the bernoulli estimator, not {inner.estimator}")
+        self.inner, self.block_size, self.t_clip = inner, block_size, tuple(t_clip) if t_clip else None
+        self.estimator = inner.estimator
+
+    def draw(self, generator: torch.Generator, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first (rows, L / L'), uniforms (rows, L)): rows leading, so the engine slices them per micro-batch.
+
+        ``t_clip`` (lo, hi): BD3-LM's clipped schedule. The stratified t of [t_min, 1] is mapped linearly onto
+        [lo, hi] (for the linear schedule the masked fraction is t, so these bound it), the weight stays w(t):
+        a training objective with lower gradient variance that is *not* the NELBO (validation and evaluation
+        never clip)."""
+        blocks = length // self.block_size
+        first, uniforms = self.inner.draw(generator, rows * blocks, self.block_size)
+        if self.t_clip:
+            lo, hi, t_min = *self.t_clip, self.inner.t_min
+            first = (lo + (first.double() - t_min) / (1.0 - t_min) * (hi - lo)).float()
+        return first.view(rows, blocks), uniforms.view(rows, length)
+
+    def mask(self, first: torch.Tensor, uniforms: torch.Tensor, valid: torch.Tensor | None = None):
+        """(masked (B, L), t, weight, ratio (B, L / L')): the wrapped estimator over the block rows."""
+        B, L = uniforms.shape
+        as_blocks = (lambda x: x.reshape(-1, self.block_size))
+        masked, t, weight, ratio = self.inner.mask(first.reshape(-1), as_blocks(uniforms),
+                                                   None if valid is None else as_blocks(valid))
+        return masked.view(B, L), t.view(B, -1), weight.view(B, -1), ratio.view(B, -1)

@@ -302,3 +302,139 @@ def sample_checkpoint(model, tokenizer, indices: list[int], cfg: SamplerConfig, 
         for i, row in zip(idx, ids.tolist()):
             out.append({"index": i, "ids": row, "text": tokenizer.decode(row, skip_special_tokens=True)})
     return out, calls
+
+
+# ------------------------------------------------------------------------------------------------ block diffusion
+# BD3-LM sampling: blocks of L' tokens left to right; inside a block any sampler above fills an all-[MASK] block
+# given the clean blocks before it. With the KV cache each finished block is run once through the model to append
+# its keys and values (its queries attend the cache and the block: the training mask's clean stream), and every
+# denoising step runs over the L' block positions only; without it every step reruns the whole prefix under
+# ``tdlm.objective.prefix_block_mask``. Both compute the same attention, so they give the same samples.
+
+
+@dataclass
+class BlockSampleOutput:
+    ids: torch.Tensor          # (B, N) generated tokens; a stopped row's tokens after its stop are pad_token_id
+    lengths: torch.Tensor      # (B,) tokens kept per row (up to and including its EOS)
+    network_calls: int         # forwards, the cache appends included
+    blocks_run: int
+
+
+class _BlockDenoiser:
+    """What ``generate`` calls for one block: logits (n, L', V) of the noisy block given the clean prefix.
+    ``generate`` passes its per-row second argument index-selected to the rows it recomputes (its no-change
+    cache); the block sampler passes the row indices there, so the prefix of the right rows is attended."""
+
+    def __init__(self, model, prefix: torch.Tensor, cache, block_size: int):
+        self.model, self.prefix, self.cache, self.block_size = model, prefix, cache, block_size
+        self.config = model.config  # generate reads the step schedule from it
+
+    def __call__(self, block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows[:, 0]
+        P, n, device = self.prefix.shape[1], block.shape[0], block.device
+        if self.cache is not None:
+            self.cache.rows = rows
+            try:
+                return self.model(block, position_ids=torch.arange(P, P + self.block_size, device=device),
+                                  kv_cache=self.cache)
+            finally:
+                self.cache.rows = None
+        from .objective import prefix_block_mask
+
+        x = torch.cat([self.prefix.index_select(0, rows), block], 1)
+        last = (torch.arange(n, device=device)[:, None] * x.shape[1] + torch.arange(P, x.shape[1], device=device))
+        logits = self.model(x, prefix_block_mask(P, self.block_size, device)[None], logits_index=last.flatten())
+        return logits.view(n, self.block_size, -1)
+
+
+@torch.no_grad()
+def block_generate(model, num_samples: int, max_tokens: int, block_size: int, mask_token_id: int,
+                   cfg: SamplerConfig, generator=None, use_kv_cache: bool = True, eos_token_id: int | None = None,
+                   min_entropy: float = 0.0, entropy_window: int = 256, pad_token_id: int = 0,
+                   prompt: torch.Tensor | None = None) -> BlockSampleOutput:
+    """Block-by-block generation of rows of up to ``max_tokens`` tokens (the model's max_seq_len bounds them),
+    ``cfg.steps`` denoising steps per block with ``cfg.method``.
+
+    ``prompt`` (B, P) starts every row: its whole blocks enter the clean prefix block by block (as in training,
+    blocks sit at multiples of L'), and its tail is the fixed start of the first generated block, which ``generate``
+    never changes. The returned rows include the prompt.
+
+    Variable length (BD3-LM ``_check_stop_conds``): a row stops at its first ``eos_token_id`` (kept), or, with
+    ``min_entropy`` > 0, when the unigram entropy of its last ``entropy_window`` tokens falls below
+    ``min_entropy`` nats (a degenerate, repeating sample; BD3-LM uses 4 nats over 256 GPT-2 tokens). Generation
+    ends when every row has stopped; a stopped row's later tokens are returned as ``pad_token_id``.
+
+    A backbone without ``supports_kv_cache`` (the Hugging Face ones) samples uncached: the same samples, slower."""
+    device = next(model.parameters()).device
+    use_kv_cache = use_kv_cache and getattr(model, "supports_kv_cache", False)
+    cfg = replace(cfg, block_length=0)
+    blocks = math.ceil(max_tokens / block_size)
+    if blocks * block_size > model.config.max_seq_len:
+        raise ValueError(f"--seq-len: {blocks * block_size} tokens exceed the model's max_seq_len "
+                         f"{model.config.max_seq_len}")
+    from .gen_metrics import unigram_entropy  # the sample entropy eval/gen_ppl.py reports
+    from .model import KVCache
+
+    cache = KVCache() if use_kv_cache else None
+    prompt = torch.empty(num_samples, 0, dtype=torch.long, device=device) if prompt is None else prompt.to(device)
+    full = prompt.shape[1] // block_size
+    z = prompt[:, :full * block_size]
+    stop = torch.full((num_samples,), max_tokens, dtype=torch.long, device=device)  # tokens kept per row
+    rows = torch.arange(num_samples, device=device)[:, None]
+    calls = blocks_run = 0
+
+    def append(block: torch.Tensor, end: int) -> int:
+        """A finished (clean) block into the KV cache, its queries attending the cache and itself; no logits."""
+        if cache is None:
+            return 0
+        cache.recording = True
+        model(block, position_ids=torch.arange(end - block_size, end, device=device), kv_cache=cache,
+              logits_index=torch.empty(0, dtype=torch.long, device=device))
+        cache.recording = False
+        return 1
+
+    for b in range(full):
+        calls += append(prompt[:, b * block_size:(b + 1) * block_size], (b + 1) * block_size)
+    for b in range(full, blocks):
+        canvas = torch.full((num_samples, block_size), mask_token_id, dtype=torch.long, device=device)
+        tail = prompt[:, z.shape[1]:z.shape[1] + block_size]
+        canvas[:, :tail.shape[1]] = tail
+        res = generate(_BlockDenoiser(model, z, cache, block_size), canvas, mask_token_id, cfg, generator, rows)
+        z, calls, blocks_run = torch.cat([z, res.ids], 1), calls + res.network_calls, blocks_run + 1
+        calls += append(res.ids, z.shape[1])
+        end = z.shape[1]
+        if eos_token_id is not None:
+            is_eos = (res.ids == eos_token_id) & (canvas == mask_token_id)  # generated tokens only
+            first = is_eos.long().argmax(1) + end - block_size + 1
+            stop = torch.where(is_eos.any(1) & (stop == max_tokens), first, stop)
+        if min_entropy > 0 and end >= entropy_window:
+            low = torch.tensor([unigram_entropy(row) < min_entropy for row in z[:, end - entropy_window:].tolist()],
+                               device=device)
+            stop = torch.where(low & (stop == max_tokens), torch.full_like(stop, end), stop)
+        if (stop < max_tokens).all():
+            break
+    z, stop = z[:, :max_tokens], stop.clamp(max=min(z.shape[1], max_tokens))
+    kept = torch.arange(z.shape[1], device=device)[None] < stop[:, None]
+    return BlockSampleOutput(torch.where(kept, z, pad_token_id), stop, calls, blocks_run)
+
+
+@torch.no_grad()
+def block_sample_checkpoint(model, tokenizer, indices: list[int], cfg: SamplerConfig, seed: int, max_tokens: int,
+                            block_size: int, batch_size: int = 8, use_kv_cache: bool = True,
+                            stop_at_eos: bool = False, min_entropy: float = 0.0, entropy_window: int = 256,
+                            prompt: torch.Tensor | None = None) -> tuple[list[dict], int]:
+    """``sample_checkpoint`` for block diffusion: samples ``indices`` by ``block_generate`` (sample i from its own
+    generator, so batch- and process-independent) after ``prompt`` (P,), [{index, ids, text}] cut at each row's
+    stop, and the network calls made."""
+    device = next(model.parameters()).device
+    out, calls = [], 0
+    for lo in range(0, len(indices), batch_size):
+        idx = indices[lo:lo + batch_size]
+        res = block_generate(model, len(idx), max_tokens, block_size, tokenizer.mask_token_id, cfg,
+                             sample_generators(seed, idx, device), use_kv_cache,
+                             tokenizer.eos_token_id if stop_at_eos else None, min_entropy, entropy_window,
+                             tokenizer.pad_token_id, None if prompt is None else prompt.expand(len(idx), -1))
+        calls += res.network_calls
+        for i, row, n in zip(idx, res.ids.tolist(), res.lengths.tolist()):
+            out.append({"index": i, "ids": row[:n], "text": tokenizer.decode(row[:n], skip_special_tokens=True)})
+    return out, calls

@@ -25,9 +25,9 @@ from tdlm.engine.randomness import keyed_generator
 from tdlm.engine.task import LossOutput, Task
 from tdlm.flops import matmul_params, training_flops_per_token
 from tdlm.model import TdlmForMaskedOrCausalLM, build_model
-from tdlm.noise import TrainingNoise
-from tdlm.objective import (StepOutputs, autoregressive_outputs, masked_diffusion_outputs, reported_sum,
-                            sequence_sums)
+from tdlm.noise import BlockTrainingNoise, TrainingNoise
+from tdlm.objective import (StepOutputs, autoregressive_outputs, block_diffusion_outputs, effective_block_size,
+                            masked_diffusion_outputs, reported_sum, sequence_sums)
 from tdlm.sequences import BatchPositions, RandomLength, batch_positions, resolve_never_mask
 
 VALIDATION_SALT = 424242  # keeps the fixed validation noise apart from every training step's stream
@@ -289,6 +289,10 @@ class MaskedDiffusionTask(TextTask):
         else:
             masked, t, weight, ratio = estimator.mask(*(to_device(x, ids.device) for x in noise), valid)
             positions = masked.flatten().nonzero().squeeze(1)
+        block_size = getattr(estimator, "block_size", 0)  # block noise (BlockDiffusionTask): the block NELBO
+        if block_size:
+            return block_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, block_size,
+                                           attn, t, clip_weight, ratio)
         return masked_diffusion_outputs(model, ids, valid, masked, positions, weight, self.mask_id, attn, t,
                                         clip_weight, ratio, pos.position_ids)
 
@@ -300,6 +304,31 @@ class MaskedDiffusionTask(TextTask):
         ids = ancestral_sample(model, self.schedule, n, self.cfg.data.seq_len, self.mask_id, steps=steps,
                                generator=g, forbidden_token_ids=special)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=False)
+
+
+class BlockDiffusionTask(MaskedDiffusionTask):
+    """Block diffusion (BD3-LM): masked diffusion inside blocks of ``diffusion.block_size`` tokens, autoregressive
+    over blocks. Each block draws its own t (any ``diffusion.estimator``, per block), validation scores the block
+    NELBO under fixed per-block Bernoulli noise, and one forward over [x_t ; x] scores every block
+    (``tdlm.objective.block_diffusion_outputs``, which ``outputs`` calls for block noise)."""
+
+    def __init__(self, cfg, accelerator):
+        self.block_size = cfg.diffusion.block_size
+        super().__init__(cfg, accelerator)
+        self.noise = BlockTrainingNoise(self.noise, self.block_size, cfg.diffusion.t_clip or None)
+        self.val_estimator = BlockTrainingNoise(self.val_estimator, self.block_size)
+        self.val_noise = self.val_estimator.draw(keyed_generator(cfg.trainer.seed, 0, salt=VALIDATION_SALT),
+                                                 len(self.data.validation), cfg.data.seq_len)
+
+    def sample(self, model, n, steps, seed=0):
+        from tdlm.sampling import SamplerConfig, block_generate
+
+        g = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+        special = tuple(i for i in (self.pad_id, self.tokenizer.bos_token_id) if i is not None)
+        blocks = self.cfg.data.seq_len // self.block_size
+        cfg = SamplerConfig(steps=max(1, steps // blocks), step_schedule=self.schedule, forbidden_token_ids=special)
+        out = block_generate(model, n, self.cfg.data.seq_len, self.block_size, self.mask_id, cfg, g)
+        return self.tokenizer.batch_decode(out.ids, skip_special_tokens=False)
 
 
 class AutoregressiveTask(TextTask):
@@ -322,8 +351,13 @@ class AutoregressiveTask(TextTask):
 
 
 def text_task(cfg, accelerator) -> TextTask:
-    """The task a text config asks for: autoregressive with ``model.causal``, masked diffusion otherwise."""
-    return (AutoregressiveTask if cfg.model.causal else MaskedDiffusionTask)(cfg, accelerator)
+    """The task a text config asks for: autoregressive with ``model.causal``, block diffusion with a
+    ``diffusion.block_size`` shorter than the row, masked diffusion otherwise."""
+    if cfg.model.causal:
+        return AutoregressiveTask(cfg, accelerator)
+    if effective_block_size(cfg.diffusion.block_size, cfg.data.seq_len):
+        return BlockDiffusionTask(cfg, accelerator)
+    return MaskedDiffusionTask(cfg, accelerator)
 
 
 def text_engine(cfg):

@@ -231,10 +231,9 @@ def test_trainer_logs_every_metric_and_runs_expensive_inputs_only_when_due(tiny,
         calls["grads"].append(len(losses))
         return real_grads(losses, params)
 
-    def counting_hidden(self, ids, attention_mask=None, return_attention=False, return_all_hidden=False,
-                        position_ids=None):
+    def counting_hidden(self, ids, attention_mask=None, return_attention=False, return_all_hidden=False, *rest):
         calls["probe"] += bool(return_attention)
-        return real_hidden(self, ids, attention_mask, return_attention, return_all_hidden, position_ids)
+        return real_hidden(self, ids, attention_mask, return_attention, return_all_hidden, *rest)
     monkeypatch.setattr(T, "loss_grad_vectors", counting_grads)
     monkeypatch.setattr(TdlmForMaskedOrCausalLM, "hidden_states", counting_hidden)
 

@@ -16,7 +16,7 @@ from tdlm.metrics import common
 from tdlm.metrics import functional as Fm
 from tdlm.metrics.common import ENGINE_NEEDS
 from tdlm.metrics.core import Collector, MetricSpec, Need, Registry, loss_grad_vectors
-from tdlm.objective import sequence_sums
+from tdlm.objective import sequence_sums, token_weight
 
 BUCKETS = ("low", "medium", "high")
 BUCKET_EDGES = (0.3, 0.7)  # mask ratio of the sequence: [0, .3) low, [.3, .7) medium, [.7, 1] high
@@ -279,7 +279,7 @@ class WeightDifficulty(Collector):
 
     def update(self, inputs):
         _, difficulty = _predictions(inputs)
-        self.m += Fm.moments(inputs["batch"].weight[_token_rows(inputs)], difficulty)
+        self.m += Fm.moments(token_weight(inputs["batch"]), difficulty)  # per sequence, or per block
 
     def compute(self):
         n, sw, sd, sww = self.m[0], self.m[1], self.m[2], self.m[3]
@@ -317,7 +317,7 @@ class BucketGradNorms(Collector):
         out, model = inputs["batch"], inputs["model"]
         rows = _token_rows(inputs)
         tok_bucket = _row_buckets(inputs)[0][rows]  # (M,)
-        w = out.weight[rows]
+        w = token_weight(out)
         if self.clip > 0:
             w = w.clamp(max=self.clip)  # the weight the training gradient used
         contrib = w * out.token_ce  # (M,), with grad
