@@ -121,8 +121,13 @@ def effective_block_size(block_size: int, length: int) -> int:
 def token_weight(out: StepOutputs) -> torch.Tensor:
     """(M,) the NELBO weight of each masked token: its sequence's (``weight`` (B,)) or its block's (``weight``
     (B, L / L'), block diffusion); unclipped."""
+    return per_token(out, out.weight)
+
+
+def per_token(out: StepOutputs, values: torch.Tensor) -> torch.Tensor:
+    """(M,) a per-sequence (B,) or per-block (B, L / L') quantity (weight, t, t_ratio) at each masked token."""
     B, L = out.input_ids.shape
-    per_unit = out.weight.reshape(B, -1)
+    per_unit = values.reshape(B, -1)
     return per_unit.flatten()[out.positions // (L // per_unit.shape[1])]
 
 

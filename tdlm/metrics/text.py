@@ -16,7 +16,7 @@ from tdlm.metrics import common
 from tdlm.metrics import functional as Fm
 from tdlm.metrics.common import ENGINE_NEEDS
 from tdlm.metrics.core import Collector, MetricSpec, Need, Registry, loss_grad_vectors
-from tdlm.objective import sequence_sums, token_weight
+from tdlm.objective import per_token, sequence_sums, token_weight
 
 BUCKETS = ("low", "medium", "high")
 BUCKET_EDGES = (0.3, 0.7)  # mask ratio of the sequence: [0, .3) low, [.3, .7) medium, [.7, 1] high
@@ -181,8 +181,8 @@ class MaskAccuracy(Collector):
         if out.t_ratio is None:
             self.correct += correct.sum()
             self.weighted_masked += correct.numel()
-        else:  # p(t)/q(t) of each masked token's row
-            ratio = out.t_ratio.double()[_token_rows(inputs)]
+        else:  # p(t)/q(t) of each masked token's row (block diffusion: its block)
+            ratio = per_token(out, out.t_ratio.double())
             self.correct += (correct * ratio).sum()
             self.weighted_masked += ratio.sum()
         self.masked += correct.numel()
