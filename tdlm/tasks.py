@@ -98,16 +98,22 @@ class TextTask(Task):
         self.val_noise: tuple[torch.Tensor, ...] = ()
 
     def _limit_unique_tokens(self, budget: int) -> int:
-        """Keep the first training rows that hold ``budget`` valid tokens (0: all); the valid tokens kept."""
-        rows = self.train_set.with_format("numpy", columns=["input_ids"]).iter(batch_size=8192)
-        valid = np.cumsum(np.concatenate([(b["input_ids"] != self.pad_id).sum(1) for b in rows]))
-        if not budget:
-            return int(valid[-1])
-        if budget > valid[-1]:
-            raise ConfigError(f"data.unique_tokens: {budget:,} exceeds the training split's {int(valid[-1]):,} tokens")
-        rows = int(np.searchsorted(valid, budget)) + 1
-        self.train_set = self.train_set.select(range(rows))
-        return int(valid[rows - 1])
+        """Keep the first training rows that hold ``budget`` valid tokens (0: all); the valid tokens kept. Rows are
+        read only up to the budget, and the whole split's count comes from info.json when it has it, so a large
+        corpus is not read through at start (its memory-mapped pages would stay resident)."""
+        if not budget and "num_train_tokens" in self.data.info:
+            return int(self.data.info["num_train_tokens"])
+        total, rows_seen = 0, 0
+        for b in self.train_set.with_format("numpy", columns=["input_ids"]).iter(batch_size=8192):
+            valid = total + np.cumsum((b["input_ids"] != self.pad_id).sum(1))
+            if budget and valid[-1] >= budget:
+                rows = rows_seen + int(np.searchsorted(valid, budget)) + 1
+                self.train_set = self.train_set.select(range(rows))
+                return int(valid[rows - rows_seen - 1])
+            total, rows_seen = int(valid[-1]), rows_seen + len(valid)
+        if budget:
+            raise ConfigError(f"data.unique_tokens: {budget:,} exceeds the training split's {total:,} tokens")
+        return total
 
     def prepare(self, accelerator):
         val_dl = torch.utils.data.DataLoader(self.data.validation, batch_size=self.cfg.trainer.micro_batch_size,
