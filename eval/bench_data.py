@@ -127,8 +127,8 @@ def run(a) -> dict:
             train = [sys.executable, "tdlm/train.py", "configs/quickstart.yaml", "data.source=prepared",
                      f"data.paths=[{prepared}]", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
                      f"trainer.max_steps={a.steps}", f"trainer.eval_every_n_steps={a.steps}",
-                     f"trainer.save_every_n_steps={a.steps}", "metrics.logging_steps=10",
-                     "metrics.detailed_metrics_steps=10", "metrics.attention_analysis_steps=10",
+                     f"trainer.save_every_n_steps={a.steps}", f"metrics.logging_steps={a.steps}",
+                     f"metrics.detailed_metrics_steps={a.steps}", f"metrics.attention_analysis_steps={a.steps}",
                      "data.eval_batches=2", "sample.at_end=0", "wandb.enabled=false", "optim.warmup_steps=5",
                      f"trainer.output_dir={work / 'runs'}", f"trainer.run_name=train_{name}", "trainer.overwrite=true"]
             entry["train"] = measure(train, env)

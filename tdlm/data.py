@@ -402,7 +402,7 @@ def pack_documents(doc_file: Path, out_dir: Path, tok, seq_len: int, packing: bo
     nproc = num_proc if num_proc > 1 and num_groups >= 2 else None
     packed = groups.map(tokenize_and_pack, batched=True, batch_size=1, num_proc=nproc, remove_columns=["group"],
                         features=datasets.Features(columns), cache_file_name=str(out_dir / "packed.arrow"),
-                        load_from_cache_file=False, new_fingerprint=hashlib.sha256(str(out_dir).encode()).hexdigest(),
+                        load_from_cache_file=False, new_fingerprint=hashlib.sha256(str(out_dir).encode()).hexdigest()[:32],
                         desc="tokenize and pack")
     packed_files = [f["filename"] for f in packed.cache_files]
     del packed
