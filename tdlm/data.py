@@ -591,19 +591,22 @@ def load_shards(split_dir: Path, shards: list[dict], fingerprint: str, in_memory
         again = "; prepare the data again (data_prep/prepare.py, or delete it from data.cache_dir)"
         if not path.is_file():
             raise ConfigError(f"data.paths: shard {path} is missing{again}")
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            raise ConfigError(f"data.paths: shard {path} is corrupt: {size} bytes, info.json says {shard['bytes']}"
-                              f"{again}")
         try:
             with pa.OSFile(str(path)) as src:
                 meta = json.loads((pa.ipc.open_stream(src).schema.metadata or {}).get(b"tdlm", b"{}"))
-            part = datasets.Dataset.from_file(str(path), in_memory=in_memory)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise ConfigError(f"data.paths: shard {path} is corrupt ({str(exc).splitlines()[0]}){again}") from None
         if meta.get("tokenizer_fingerprint") != fingerprint:
             raise ConfigError(f"data.paths: shard {path} was tokenized with tokenizer {meta.get('tokenizer_fingerprint')}"
                               f", not this data's {fingerprint}; a shard directory from other data{again}")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise ConfigError(f"data.paths: shard {path} is corrupt: {size} bytes, info.json says {shard['bytes']}"
+                              f"{again}")
+        try:
+            part = datasets.Dataset.from_file(str(path), in_memory=in_memory)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise ConfigError(f"data.paths: shard {path} is corrupt ({str(exc).splitlines()[0]}){again}") from None
         if len(part) != shard["rows"]:
             raise ConfigError(f"data.paths: shard {path} is corrupt: {len(part)} rows, info.json says {shard['rows']}"
                               f"{again}")
