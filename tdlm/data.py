@@ -1,4 +1,6 @@
-"""Data: the embedded corpora, the tokenizer, and tokenize-and-pack into fixed-length blocks with ``datasets``.
+"""Data: the embedded corpora, the tokenizer, and tokenize-and-pack into fixed-length blocks with ``datasets``,
+streamed from the text to Arrow token shards that training memory-maps, with no list of the corpus in memory
+(docs/data.md).
 
 Two corpora ship with the package and need no network:
 - ``stdlib``: real English text on any machine with Python, the docstrings of the standard library
@@ -381,9 +383,7 @@ def pack_documents(doc_file: Path, out_dir: Path, tok, seq_len: int, packing: bo
     with pa.OSFile(str(doc_file)) as src:
         num_groups = pa.ipc.open_file(src).num_record_batches
 
-    def tokenize_and_pack(batch):
-        import pyarrow as pa  # in a worker process
-
+    def tokenize_and_pack(batch):  # one packing group per call (batch_size=1)
         rows = []
         with pa.OSFile(str(doc_file)) as src:
             reader = pa.ipc.open_file(src)
@@ -392,7 +392,7 @@ def pack_documents(doc_file: Path, out_dir: Path, tok, seq_len: int, packing: bo
                 ids = tok(texts, add_special_tokens=False)["input_ids"]
                 rows.append(_pack_group([[bos] + x + [eos] for x in ids] if add_special else ids, seq_len, packing,
                                         pad, document_ids))
-        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]} if rows else {}
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
 
     columns = {"input_ids": datasets.Sequence(datasets.Value("int64"))}
     if document_ids and packing:
@@ -400,10 +400,10 @@ def pack_documents(doc_file: Path, out_dir: Path, tok, seq_len: int, packing: bo
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = datasets.Dataset.from_dict({"group": list(range(num_groups))})
     nproc = num_proc if num_proc > 1 and num_groups >= 2 else None
+    fingerprint = hashlib.sha256(str(out_dir).encode()).hexdigest()[:32]  # datasets' limit with num_proc: 64
     packed = groups.map(tokenize_and_pack, batched=True, batch_size=1, num_proc=nproc, remove_columns=["group"],
                         features=datasets.Features(columns), cache_file_name=str(out_dir / "packed.arrow"),
-                        load_from_cache_file=False, new_fingerprint=hashlib.sha256(str(out_dir).encode()).hexdigest()[:32],
-                        desc="tokenize and pack")
+                        load_from_cache_file=False, new_fingerprint=fingerprint, desc="tokenize and pack")
     packed_files = [f["filename"] for f in packed.cache_files]
     del packed
     result = _write_shards(packed_files, out_dir, seq_len, pad, tokenizer_fingerprint(tok))
@@ -597,8 +597,9 @@ def load_shards(split_dir: Path, shards: list[dict], fingerprint: str, in_memory
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise ConfigError(f"data.paths: shard {path} is corrupt ({str(exc).splitlines()[0]}){again}") from None
         if meta.get("tokenizer_fingerprint") != fingerprint:
-            raise ConfigError(f"data.paths: shard {path} was tokenized with tokenizer {meta.get('tokenizer_fingerprint')}"
-                              f", not this data's {fingerprint}; a shard directory from other data{again}")
+            raise ConfigError(f"data.paths: shard {path} was tokenized with tokenizer "
+                              f"{meta.get('tokenizer_fingerprint')}, not this data's {fingerprint}; a shard directory "
+                              f"from other data{again}")
         size = path.stat().st_size
         if size != shard["bytes"]:
             raise ConfigError(f"data.paths: shard {path} is corrupt: {size} bytes, info.json says {shard['bytes']}"
@@ -654,6 +655,60 @@ def resolve_data(cfg: DataSection, log=print) -> PreparedData:
     if seq != cfg.seq_len:
         raise ConfigError(f"data.seq_len: {cfg.seq_len} differs from the prepared data's {seq}")
     return data
+
+class ShardOrderSampler(torch.utils.data.Sampler):
+    """``data.streaming``: training rows read shard by shard instead of shuffled over the whole split.
+
+    Process r of W reads the shards r, r+W, ...; each epoch permutes (by the seed) their order and the rows within
+    each shard, so a process keeps to one shard at a time. The order yielded here interleaves the processes'
+    micro-batches, so Accelerate's batch sharding (global batch i to process i mod W) gives each process its own
+    shards. An epoch is as many micro-batches per process as the process with the fewest rows has (the others drop
+    their remainder), so all take the same number. Where a process is, ``position``: (shard, offset)."""
+
+    def __init__(self, shard_rows: list[int], files: list[str], batch_size: int, num_processes: int, seed: int):
+        if len(shard_rows) < num_processes:
+            raise ConfigError(f"data.streaming: the training split has {len(shard_rows)} shard(s), fewer than the "
+                              f"{num_processes} processes; prepare it in smaller shards or train without streaming")
+        self.rows, self.files, self.batch_size, self.seed = shard_rows, files, batch_size, seed
+        self.world = num_processes
+        self.starts = np.concatenate([[0], np.cumsum(shard_rows)[:-1]]).astype(np.int64)
+        self.batches = min(sum(shard_rows[r::num_processes]) for r in range(num_processes)) // batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches * self.batch_size * self.world
+
+    def _shards(self, rank: int, epoch: int) -> list[int]:
+        mine = list(range(rank, len(self.rows), self.world))
+        return [mine[i] for i in np.random.default_rng([self.seed, epoch, rank]).permutation(len(mine))]
+
+    def _rows(self, rank: int, epoch: int) -> Iterator[int]:
+        for shard in self._shards(rank, epoch):
+            order = np.random.default_rng([self.seed, epoch, len(self.rows) + shard]).permutation(self.rows[shard])
+            yield from (self.starts[shard] + order).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        streams = [self._rows(r, self.epoch) for r in range(self.world)]
+        for _ in range(self.batches):
+            for stream in streams:
+                yield from itertools.islice(stream, self.batch_size)
+
+    def position(self, epoch: int, batches: int) -> list[dict]:
+        """Each process's next row after ``batches`` micro-batches of ``epoch``: its shard file and the offset in
+        that shard's (permuted) order."""
+        out = []
+        for rank in range(self.world):
+            left = batches * self.batch_size
+            for shard in self._shards(rank, epoch):
+                if left < self.rows[shard]:
+                    break
+                left -= self.rows[shard]
+            out.append({"process": rank, "epoch": epoch, "shard": self.files[shard], "offset": left})
+        return out
+
 
 class Collator:
     """Stacks rows; adds ``attention_mask`` only when the batch holds padding (packed batches skip the mask)."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tdlm.config import ConfigError, load_config
-from tdlm.data import Collator, resolve_data, tokenizer_fingerprint
+from tdlm.data import Collator, ShardOrderSampler, resolve_data, tokenizer_fingerprint
 from tdlm.diffusion import make_schedule
 from tdlm.engine.launch import run_cli
 from tdlm.engine.randomness import keyed_generator
@@ -91,6 +91,8 @@ class TextTask(Task):
             self.model = build_model(cfg.model, len(tok), self.mask_id, self.pad_id, cfg.diffusion)
         self.train_set, self.collate_fn = self.data.train, Collator(self.pad_id)
         self.unique_tokens = self._limit_unique_tokens(cfg.data.unique_tokens)
+        if cfg.data.streaming:
+            self.train_sampler = self._shard_order_sampler()
         self.units_per_row = cfg.data.seq_len
         hidden = self.model.get_input_embeddings().embedding_dim
         self.flops_per_unit = training_flops_per_token(matmul_params(self.model), self.model.config.num_layers,
@@ -115,6 +117,20 @@ class TextTask(Task):
             raise ConfigError(f"data.unique_tokens: {budget:,} exceeds the training split's {total:,} tokens")
         return total
 
+    def _shard_order_sampler(self) -> ShardOrderSampler:
+        """data.streaming: the training shards (those ``data.unique_tokens`` keeps, the last one cut) in shard order."""
+        shards = self.data.info.get("shards", {}).get("train")
+        if not shards:
+            raise ConfigError("data.streaming: the prepared data have no shards (written before them); prepare again")
+        rows, files, left = [], [], len(self.train_set)
+        for shard in shards:
+            if left > 0:
+                rows.append(min(shard["rows"], left))
+                files.append(shard["file"])
+                left -= rows[-1]
+        t = self.cfg.trainer
+        return ShardOrderSampler(rows, files, t.micro_batch_size, self.accelerator.num_processes, t.seed)
+
     def prepare(self, accelerator):
         val_dl = torch.utils.data.DataLoader(self.data.validation, batch_size=self.cfg.trainer.micro_batch_size,
                                              shuffle=False, collate_fn=self.collate_fn,
@@ -122,7 +138,7 @@ class TextTask(Task):
         self.val_dl = accelerator.prepare(val_dl)
 
     def layout(self) -> dict:
-        return {"data.seq_len": self.cfg.data.seq_len}
+        return {"data.seq_len": self.cfg.data.seq_len, "data.streaming": self.cfg.data.streaming}
 
     def check_resume(self, ckpt: Path, saved_state: dict):
         import json
