@@ -3,7 +3,6 @@
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +101,45 @@ def test_resumed_streaming_run_reads_the_same_rows(tiny, tmp_path, monkeypatch, 
     second = sum((ids for _, ids in whole[5:8]), [])  # steps 6-8: 24 rows of the second shard read
     assert state["data_position"] == [{"process": 0, "epoch": 0, "shard": shard_of_row[second[0]], "offset": 24}]
     assert len(load_prepared(prepared).train) == sum(s["rows"] for s in shards)
+
+
+@pytest.mark.slow
+def test_two_processes_preempted_and_resumed_read_the_same_rows(tiny, tmp_path, monkeypatch):
+    """2 processes: each reads only its own shards, and a run stopped by SIGTERM (rank 1 only) after step 6 and
+    resumed reads, per process, the rows of an uninterrupted run."""
+    from conftest import ROOT, launch_two_processes
+
+    prepared = small_shards(tmp_path, monkeypatch)
+    shards = json.loads((prepared / "info.json").read_text())["shards"]["train"]
+    args = tiny(**{"data.source": "prepared", "data.paths": f"[{prepared}]", "data.streaming": "true",
+                   "trainer.max_steps": 10, "trainer.save_every_n_steps": 4})
+
+    def launch(name, log, fault=None, resume=False):
+        env = {"TDLM_TEST_BATCH_LOG": str(tmp_path / log), **({"TDLM_TEST_FAULT": fault} if fault else {})}
+        extra = [f"trainer.run_name={name}"] + (["trainer.resume=auto"] if resume else [])
+        return launch_two_processes(ROOT / "tests" / "stream_entry.py",
+                                    [str(ROOT / "configs" / "markov.yaml"), *args, *extra], extra_env=env)
+
+    def logged(log, rank):
+        return [tuple(json.loads(x)) for x in (tmp_path / f"{log}.{rank}").read_text().splitlines()]
+
+    launch("whole", "whole")
+    launch("cut", "cut", fault="sigterm:5:1")
+    launch("cut", "resumed", resume=True)
+    start = 40 * np.arange(len(shards))
+
+    def shard_of(i):
+        return int(np.searchsorted(start, i, side="right") - 1)
+
+    # the SIGTERM comes before step 6; both processes finish step 6 and checkpoint it
+    state = json.loads((tmp_path / "runs" / "cut" / "checkpoints" / "step_0000006" / "trainer_state.json").read_text())
+    for rank in (0, 1):
+        whole, cut, resumed = logged("whole", rank), logged("cut", rank), logged("resumed", rank)
+        assert [s for s, _ in cut] == list(range(1, 7)) and [s for s, _ in resumed] == list(range(7, 11))
+        assert json.dumps(cut + resumed) == json.dumps(whole)
+        rows = sum((ids for _, ids in whole), [])
+        assert {shard_of(i) % 2 for i in rows} == {rank}  # process r reads shards r, r + 2, ...
+        read = sum((ids for _, ids in cut), [])
+        nxt = shard_of(resumed[0][1][0])  # the position saved: the shard of the next row and the rows read from it
+        assert state["data_position"][rank] == {"process": rank, "epoch": 0, "shard": shards[nxt]["file"],
+                                                "offset": sum(shard_of(i) == nxt for i in read)}
