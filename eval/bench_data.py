@@ -6,7 +6,8 @@ and tokenize + pack throughput with 1 and 2 processes on the 8x corpus; JSON out
 
 The corpus is generated on disk (``--work``, a temporary directory by default, removed afterwards): the stdlib
 docstrings repeated into .txt files of blank-line-separated documents, ``--size-mb / 8`` for 1x and ``--size-mb``
-for 8x. Every measurement is a fresh child process; peak RSS is its ``ru_maxrss`` (from ``wait4``, so it includes
+for 8x. The 8x data are also trained with ``data.streaming: true`` (tokens/s of both, in the same run). Every
+measurement is a fresh child process; peak RSS is its ``ru_maxrss`` (from ``wait4``, so it includes
 pages of memory-mapped files that it touched) and the largest anonymous RSS (``RssAnon``, sampled every 0.1 s).
 Target: 8x / 1x <= 1.2 for both preparation and training. Throughput counts non-pad tokens written per second of
 ``tdlm.data.pack_documents`` (tokenize, pack, write the shards) on the 8x training split.
@@ -114,36 +115,63 @@ def child_pack(corpus: str, prepared: str, out: str, num_proc: int) -> None:
                       "tokens_per_s": round(packed["tokens"] / seconds)}))
 
 
+def train_cmd(prepared: Path, work: Path, name: str, steps: int, streaming: bool = False) -> list[str]:
+    """A tiny model (2 x 64) on the prepared data: ``steps`` steps of 16 x 128 tokens, two validation batches."""
+    every = max(1, steps // 5)
+    return [sys.executable, "tdlm/train.py", "configs/quickstart.yaml", "data.source=prepared",
+            f"data.paths=[{prepared}]", f"data.streaming={str(streaming).lower()}", "model.hidden_size=64",
+            "model.num_layers=2", "model.num_heads=2", f"trainer.max_steps={steps}",
+            f"trainer.eval_every_n_steps={steps}", f"trainer.save_every_n_steps={steps}",
+            f"metrics.logging_steps={every}", f"metrics.detailed_metrics_steps={steps}",
+            f"metrics.attention_analysis_steps={steps}", "data.eval_batches=2", "sample.at_end=0",
+            "wandb.enabled=false", "optim.warmup_steps=5", f"trainer.output_dir={work / 'runs'}",
+            f"trainer.run_name={name}", "trainer.overwrite=true", "trainer.progress_bar=false"]
+
+
+def tokens_per_s(run_dir: Path) -> float:
+    """Median of the logged train/tokens_per_second after the first logging window (start-up)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    values = [r["train/tokens_per_second"] for r in rows if "train/tokens_per_second" in r][1:]
+    return round(sorted(values)[len(values) // 2]) if values else float("nan")
+
+
+def streaming_vs_mmap(work: Path, steps: int, env: dict) -> dict:
+    """The 8x data trained both ways, one after the other: shuffled memory-mapped rows and data.streaming."""
+    out = {}
+    for mode in ("mmap", "streaming"):
+        name = f"train_x8_{mode}"
+        out[mode] = measure(train_cmd(work / "prepared_x8", work, name, steps, mode == "streaming"), env)
+        out[mode]["tokens_per_s"] = tokens_per_s(work / "runs" / name)
+    return out
+
+
 def run(a) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     me = [sys.executable, str(Path(__file__).resolve())]
     work = Path(a.work or tempfile.mkdtemp(prefix="tdlm_bench_data_"))
     result: dict = {"benchmark": "data_at_scale", "machine_before": machine_state(1), "sizes": {}}
     try:
+        if a.streaming_only:  # on the prepared 8x data an earlier run left in --work
+            result["streaming_vs_mmap_x8"] = streaming_vs_mmap(work, a.steps, env)
+            return result
         for name, mb in (("x1", a.size_mb / 8), ("x8", a.size_mb)):
             corpus, prepared = work / f"corpus_{name}", work / f"prepared_{name}"
             entry = {"corpus": write_corpus(corpus, mb)}
             entry["prepare"] = measure(me + ["--child", "prepare", str(corpus), str(prepared)], env)
-            train = [sys.executable, "tdlm/train.py", "configs/quickstart.yaml", "data.source=prepared",
-                     f"data.paths=[{prepared}]", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
-                     f"trainer.max_steps={a.steps}", f"trainer.eval_every_n_steps={a.steps}",
-                     f"trainer.save_every_n_steps={a.steps}", f"metrics.logging_steps={a.steps}",
-                     f"metrics.detailed_metrics_steps={a.steps}", f"metrics.attention_analysis_steps={a.steps}",
-                     "data.eval_batches=2", "sample.at_end=0", "wandb.enabled=false", "optim.warmup_steps=5",
-                     f"trainer.output_dir={work / 'runs'}", f"trainer.run_name=train_{name}", "trainer.overwrite=true"]
-            entry["train"] = measure(train, env)
+            entry["train"] = measure(train_cmd(prepared, work, f"train_{name}", a.steps), env)
             result["sizes"][name] = entry
         x1, x8 = result["sizes"]["x1"], result["sizes"]["x8"]
         result["ratio_8x_vs_1x"] = {part: round(x8[part]["peak_rss_mb"] / x1[part]["peak_rss_mb"], 3)
                                     for part in ("prepare", "train")}
         result["target_met"] = all(r <= 1.2 for r in result["ratio_8x_vs_1x"].values())
+        result["streaming_vs_mmap_x8"] = streaming_vs_mmap(work, a.steps, env)
         result["throughput_x8"] = {f"num_proc_{n}": measure(me + ["--child", "pack", str(work / "corpus_x8"),
                                                                   str(work / "prepared_x8"), str(work / f"pack{n}"),
                                                                   str(n)], env) for n in (1, 2)}
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    result["machine_after"] = machine_state(1)
+        result["machine_after"] = machine_state(1)
     return result
 
 
@@ -152,6 +180,8 @@ def parse(argv=None):
     p.add_argument("--size-mb", type=float, default=200.0, help="text at 8x; 1x is an eighth of it")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--work", default="", help="keep the corpora and prepared data here (default: a temp dir)")
+    p.add_argument("--streaming-only", action="store_true",
+                   help="only train the 8x data memory-mapped and streaming (prepared in --work by an earlier run)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -502,6 +502,20 @@ def prepare_dataset(cfg: DataSection, out_dir: str | Path | None = None, log=pri
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _build_prepared(cfg, tmp, log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # a concurrent writer finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def _build_prepared(cfg: DataSection, tmp: Path, log) -> None:
+    """Write the splits' shards, the tokenizer and info.json into ``tmp`` (see ``prepare_dataset``)."""
     doc_files = {split: tmp / f"{split}.documents.arrow" for split in SPLITS}
     counts = {split: _write_documents(iter_split(cfg, split), doc_files[split]) for split in SPLITS}
     if not counts["train"]:
@@ -538,11 +552,6 @@ def prepare_dataset(cfg: DataSection, out_dir: str | Path | None = None, log=pri
     tok.save_pretrained(str(tmp / "tokenizer"))
     info["tokenizer_fingerprint"] = tokenizer_fingerprint(tok)
     (tmp / "info.json").write_text(json.dumps(info, indent=2))
-    if out.exists():  # a concurrent writer finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
 
 
 def _unigram_share(counts: np.ndarray, pad_token_id: int | None) -> float:

@@ -125,14 +125,14 @@ def test_two_processes_preempted_and_resumed_read_the_same_rows(tiny, tmp_path, 
 
     launch("whole", "whole")
     launch("cut", "cut", fault="sigterm:5:1")
+    # the SIGTERM comes before step 6; both processes finish step 6 and checkpoint it (pruned later by keep_last)
+    state = json.loads((tmp_path / "runs" / "cut" / "checkpoints" / "step_0000006" / "trainer_state.json").read_text())
     launch("cut", "resumed", resume=True)
     start = 40 * np.arange(len(shards))
 
     def shard_of(i):
         return int(np.searchsorted(start, i, side="right") - 1)
 
-    # the SIGTERM comes before step 6; both processes finish step 6 and checkpoint it
-    state = json.loads((tmp_path / "runs" / "cut" / "checkpoints" / "step_0000006" / "trainer_state.json").read_text())
     for rank in (0, 1):
         whole, cut, resumed = logged("whole", rank), logged("cut", rank), logged("resumed", rank)
         assert [s for s, _ in cut] == list(range(1, 7)) and [s for s, _ in resumed] == list(range(7, 11))
