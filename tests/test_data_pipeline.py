@@ -165,3 +165,21 @@ def test_bad_prepared_data_one_clear_line_each(tmp_path):
     (bad / "train" / "shard-00000.arrow").unlink()
     with pytest.raises(ConfigError, match="shard .* is missing"):
         load_prepared(bad)
+
+
+def test_bench_data_corpus_size_and_child_memory(tmp_path):
+    """eval/bench_data.py's pieces: the generated corpus has the size asked for, and a child's peak RSS is read
+    from wait4 (a child that allocates 200 MB reports at least that)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
+    import bench_data
+
+    corpus = bench_data.write_corpus(tmp_path / "c", 1.5)
+    size = sum(f.stat().st_size for f in (tmp_path / "c").iterdir())
+    assert corpus["megabytes"] == pytest.approx(1.5, abs=0.1) and abs(size - 1.5 * 2**20) < 0.1 * 2**20
+    child = [sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('{\"n\": 1}')"]
+    out = bench_data.measure(child, dict(os.environ))
+    assert out["n"] == 1 and out["peak_rss_mb"] >= 200
