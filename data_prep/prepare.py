@@ -1,4 +1,5 @@
-"""Tokenize and pack a corpus into fixed-length blocks, saved with ``datasets.save_to_disk``.
+"""Tokenize and pack a corpus into fixed-length blocks, saved as Arrow token shards that training memory-maps
+(docs/data.md: the streamed pipeline, its memory, the checks on load).
 
     python data_prep/prepare.py --source stdlib --out data/stdlib --seq-len 128 --vocab-size 4096
     python data_prep/prepare.py --source files --paths a.txt b.jsonl --out data/mine --num-proc 2

@@ -76,6 +76,10 @@ class DataSection:
     max_documents: int = 0
     """0 = all documents."""
     num_proc: int = 1
+    streaming: bool = False
+    """True: training reads the prepared shards in order, not rows shuffled over the whole split: process r of W
+    reads shards r, r+W, ... (shard order and rows within a shard permuted per epoch); a checkpoint records each
+    process's position (shard, offset). Needs at least as many shards as processes (docs/data.md)."""
     cache_dir: str = ".cache/tdlm"
     markov_order: int = 1
     """Order 1 by default: masked LMs sit on a long unigram plateau for order >= 2 chains (BERT does too)."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tdlm.config import ConfigError, load_config
-from tdlm.data import Collator, resolve_data, tokenizer_fingerprint
+from tdlm.data import Collator, ShardOrderSampler, resolve_data, tokenizer_fingerprint
 from tdlm.diffusion import make_schedule
 from tdlm.engine.launch import run_cli
 from tdlm.engine.randomness import keyed_generator
@@ -92,6 +92,8 @@ class TextTask(Task):
             self.model = build_model(cfg.model, len(tok), self.mask_id, self.pad_id, cfg.diffusion)
         self.train_set, self.collate_fn = self.data.train, Collator(self.pad_id)
         self.unique_tokens = self._limit_unique_tokens(cfg.data.unique_tokens)
+        if cfg.data.streaming:
+            self.train_sampler = self._shard_order_sampler()
         self.units_per_row = cfg.data.seq_len
         c = self.model.config  # tdlm's own, or an HF backbone's BackboneConfig with the same field names
         self.flops_per_unit = training_flops_per_token(matmul_params(self.model), c.num_layers, cfg.data.seq_len,
@@ -110,16 +112,36 @@ class TextTask(Task):
         return batch_positions(batch, self.pad_id, self.never_mask, self.cfg.model.causal)
 
     def _limit_unique_tokens(self, budget: int) -> int:
-        """Keep the first training rows that hold ``budget`` valid tokens (0: all); the valid tokens kept."""
-        rows = self.train_set.with_format("numpy", columns=["input_ids"]).iter(batch_size=8192)
-        valid = np.cumsum(np.concatenate([(b["input_ids"] != self.pad_id).sum(1) for b in rows]))
-        if not budget:
-            return int(valid[-1])
-        if budget > valid[-1]:
-            raise ConfigError(f"data.unique_tokens: {budget:,} exceeds the training split's {int(valid[-1]):,} tokens")
-        rows = int(np.searchsorted(valid, budget)) + 1
-        self.train_set = self.train_set.select(range(rows))
-        return int(valid[rows - 1])
+        """Keep the first training rows that hold ``budget`` valid tokens (0: all); the valid tokens kept. Rows are
+        read only up to the budget, and the whole split's count comes from info.json when it has it, so a large
+        corpus is not read through at start (its memory-mapped pages would stay resident)."""
+        if not budget and "num_train_tokens" in self.data.info:
+            return int(self.data.info["num_train_tokens"])
+        total, rows_seen = 0, 0
+        for b in self.train_set.with_format("numpy", columns=["input_ids"]).iter(batch_size=8192):
+            valid = total + np.cumsum((b["input_ids"] != self.pad_id).sum(1))
+            if budget and valid[-1] >= budget:
+                rows = rows_seen + int(np.searchsorted(valid, budget)) + 1
+                self.train_set = self.train_set.select(range(rows))
+                return int(valid[rows - rows_seen - 1])
+            total, rows_seen = int(valid[-1]), rows_seen + len(valid)
+        if budget:
+            raise ConfigError(f"data.unique_tokens: {budget:,} exceeds the training split's {total:,} tokens")
+        return total
+
+    def _shard_order_sampler(self) -> ShardOrderSampler:
+        """data.streaming: the training shards (those ``data.unique_tokens`` keeps, the last one cut) in shard order."""
+        shards = self.data.info.get("shards", {}).get("train")
+        if not shards:
+            raise ConfigError("data.streaming: the prepared data have no shards (written before them); prepare again")
+        rows, files, left = [], [], len(self.train_set)
+        for shard in shards:
+            if left > 0:
+                rows.append(min(shard["rows"], left))
+                files.append(shard["file"])
+                left -= rows[-1]
+        t = self.cfg.trainer
+        return ShardOrderSampler(rows, files, t.micro_batch_size, self.accelerator.num_processes, t.seed)
 
     def prepare(self, accelerator):
         val_dl = torch.utils.data.DataLoader(self.data.validation, batch_size=self.cfg.trainer.micro_batch_size,
@@ -128,7 +150,7 @@ class TextTask(Task):
         self.val_dl = accelerator.prepare(val_dl)
 
     def layout(self) -> dict:
-        return {"data.seq_len": self.cfg.data.seq_len}
+        return {"data.seq_len": self.cfg.data.seq_len, "data.streaming": self.cfg.data.streaming}
 
     def check_resume(self, ckpt: Path, saved_state: dict):
         import json

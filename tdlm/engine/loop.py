@@ -67,7 +67,8 @@ class Engine:
         acc, t, task = self.accelerator, self.cfg.trainer, self.task
         optimizer = build_optimizer(task.model, self.cfg.optim, task.no_decay)
         train_dl = torch.utils.data.DataLoader(
-            task.train_set, batch_size=t.micro_batch_size, shuffle=True, drop_last=True, collate_fn=task.collate_fn,
+            task.train_set, batch_size=t.micro_batch_size, shuffle=task.train_sampler is None,
+            sampler=task.train_sampler, drop_last=True, collate_fn=task.collate_fn,
             num_workers=t.num_workers, pin_memory=acc.device.type == "cuda",
             generator=torch.Generator().manual_seed(t.seed))
         self.model, self.optimizer, self.train_dl = acc.prepare(task.model, optimizer, train_dl)
@@ -318,6 +319,9 @@ class Engine:
         self._check_finite()
         state = {**self.state.state_dict(), **self.task.state(), "world_size": self.accelerator.num_processes,
                  "layout": self.layout(), "metrics": self.metrics.state_dict()}
+        position = getattr(self.task.train_sampler, "position", None)
+        if position is not None:
+            state["data_position"] = position(self.state.epoch, self.state.batches_in_epoch)
         export = self.ema.module if self.ema is not None else self.model
         save_checkpoint(self.accelerator, self.ckpt_root, self.state.step, state, export, self.task.export,
                         self.cfg.trainer.min_free_disk_mb)

@@ -39,6 +39,10 @@ class Task:
     model: nn.Module
     train_set: torch.utils.data.Dataset
     collate_fn: Callable | None = None
+    train_sampler: torch.utils.data.Sampler | None = None
+    """The order the training rows are read in; None = shuffled by the engine. Its ``set_epoch`` is called at each
+    epoch, and a ``position(epoch, batches)`` method, when it has one, goes into ``trainer_state.json`` as
+    ``data_position`` (where a resume continues; the loop's cursor is what restores it)."""
     no_decay: tuple[str, ...] = ()
     """Parameter-name parts that get no weight decay beyond the 1-d ones (``tdlm.engine.optim.param_groups``)."""
     units_per_row: int = 1
