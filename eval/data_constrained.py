@@ -103,7 +103,10 @@ def fit_effective_data(epochs, loss, unique: float, floor: float | None = None) 
     lo = edge(below[profile[R_GRID < r_star][::-1] > threshold])
     hi = edge(above[profile[R_GRID > r_star] > threshold])
     lo, hi = lo if lo is not None else float(R_GRID[0]), hi if hi is not None else float(R_GRID[-1])
-    return {"r_star": r_star, "r_star_interval": [lo, hi], "interval_level": 0.95,
+    bounded = (lo > R_GRID[0], hi < R_GRID[-1])
+    summary = {(True, True): f"{r_star:.3g} [{lo:.3g}, {hi:.3g}]", (True, False): f"> {lo:.3g} (no upper bound)",
+               (False, True): f"< {hi:.3g} (no lower bound)", (False, False): "not constrained"}[bounded]
+    return {"r_star": r_star, "r_star_interval": [lo, hi], "r_star_95": summary, "interval_level": 0.95,
             "bounded_below": bool(lo > R_GRID[0]), "bounded_above": bool(hi < R_GRID[-1]), **params, "rss": rss,
             "rmse": math.sqrt(rss / epochs.size), "unique_tokens": unique, "floor_fixed": floor is not None}
 
@@ -188,8 +191,7 @@ def plot(result: dict, path: Path) -> None:
             grid = np.geomspace(e.min(), e.max(), 100)
             axes[0].plot(grid, loss_model(grid, fit["unique_tokens"], fit["E"], fit["B"], fit["beta"],
                                           fit["r_star"]), color=color, alpha=0.6,
-                         label=f"fit R*={fit['r_star']:.3g} [{fit['r_star_interval'][0]:.3g}, "
-                               f"{fit['r_star_interval'][1]:.3g}]")
+                         label=f"fit, R* (95%): {fit['r_star_95']}")
     for ax, xlabel in zip(axes, ("epochs of the unique tokens", "training FLOPs")):
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -205,8 +207,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default=str(ROOT / "configs" / "data_constrained.yaml"))
-    ap.add_argument("--unique-tokens", type=int, default=16384)
-    ap.add_argument("--epochs", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--unique-tokens", type=int, default=4096)
+    ap.add_argument("--epochs", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     ap.add_argument("--objectives", nargs="+", default=["diffusion", "ar"], choices=["diffusion", "ar"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="per run")
