@@ -92,14 +92,7 @@ def read_examples(cfg: DataSection) -> list[tuple[str, dict]]:
             raise ConfigError(f"data.paths: file not found: {path}")
         if path.suffix != ".jsonl":
             raise ConfigError(f"data.paths: {path} is not a .jsonl file (data.source=sft)")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from None
+        for where, ex in jsonl_records(path):
             out.append((where, check_example(ex, where)))
     if not out:
         raise ConfigError(f"data.paths: no examples in {', '.join(map(str, cfg.paths))}")
@@ -163,18 +156,23 @@ def encode(ex: dict, tok, cfg: DataSection, where: str) -> tuple[list[int], list
     return prompt, tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
-def read_prompts(path: str) -> list[tuple[str, object, str | None]]:
-    """[(where, context, reference or None)] of a jsonl of prompts for generation: {prompt[, response]} or
-    {messages} (a final assistant message is the reference)."""
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+def jsonl_records(path: Path):
+    """(``file:line``, record) of each non-blank line of a jsonl file; a line that is not JSON is one clear error."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
         try:
-            ex = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from None
+
+
+def read_prompts(path: str) -> list[tuple[str, object, str | None]]:
+    """[(where, context, reference or None)] of a jsonl of prompts for generation: {prompt[, response]} or
+    {messages} (a final assistant message is the reference)."""
+    out = []
+    for where, ex in jsonl_records(Path(path)):
         msgs = ex.get("messages") if isinstance(ex, dict) else None
         if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
             last = msgs[-1].get("role") == "assistant"
