@@ -233,8 +233,8 @@ def main(argv=None) -> int:
     for objective in a.objectives:
         runs = {f"{e:g}": rec for e in a.epochs if (rec := final_record(run_dir(out, objective, e)))}
         result["runs"][objective] = runs
-        floor = (data_floor(run_dir(out, objective, a.epochs[0])) if a.floor == "auto" and runs else
-                 None if a.floor in ("auto", "none") else float(a.floor))
+        floor = (data_floor(run_dir(out, objective, float(next(iter(runs))))) if a.floor == "auto" and runs else
+                 None if a.floor in ("auto", "none") else float(a.floor))  # auto: from a finished run's data
         if len(runs) >= 5:
             e = np.array([float(k) for k in runs])
             loss = np.array([r[a.target] for r in runs.values()])

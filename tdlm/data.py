@@ -556,9 +556,7 @@ def _build_prepared(cfg: DataSection, tmp: Path, log) -> None:
         info[f"num_{name}_tokens"] = packed["tokens"]
         if name == "train":
             info["unigram_accuracy"] = _unigram_share(packed["unigram_counts"], tok.pad_token_id)
-    tok.save_pretrained(str(tmp / "tokenizer"))
-    info["tokenizer_fingerprint"] = tokenizer_fingerprint(tok)
-    (tmp / "info.json").write_text(json.dumps(info, indent=2))
+    _write_tokenizer_and_info(tmp, tok, info)
 
 
 def _build_sft(cfg: DataSection, tmp: Path, log) -> None:
@@ -579,6 +577,11 @@ def _build_sft(cfg: DataSection, tmp: Path, log) -> None:
         info[f"num_{name}_blocks"] = len(ds)
         if name == "train":
             info["unigram_accuracy"] = unigram_accuracy(ds, tok.pad_token_id)
+    _write_tokenizer_and_info(tmp, tok, info)
+
+
+def _write_tokenizer_and_info(tmp: Path, tok, info: dict) -> None:
+    """The tokenizer and ``info.json`` (with the tokenizer's fingerprint, which loading checks) of a prepared dir."""
     tok.save_pretrained(str(tmp / "tokenizer"))
     info["tokenizer_fingerprint"] = tokenizer_fingerprint(tok)
     (tmp / "info.json").write_text(json.dumps(info, indent=2))

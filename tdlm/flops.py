@@ -8,7 +8,9 @@ sum); training (forward and backward) is three times that:
 
 as PaLM's MFU (Chowdhery et al. 2022, appendix B) and nanoGPT's ``estimate_mfu`` count it. A masked-diffusion step
 runs the backbone over every position, like an AR step, so both objectives spend the same FLOPs per token; padding
-positions are computed too and counted. Embedding lookups are not matrix products and are not counted."""
+positions are computed too and counted. Block diffusion runs [x_t ; x] (2L positions, context 2L) per row of L
+tokens, so its tasks count twice the tokens at twice the context. Embedding lookups are not matrix products and
+are not counted."""
 
 from __future__ import annotations
 

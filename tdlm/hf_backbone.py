@@ -272,10 +272,6 @@ def _auto_config(path: str, trust_remote_code: bool, key: str = "model.pretraine
         if raw.get("auto_map") and not trust_remote_code:
             raise ConfigError(f"{key}: {path} ships its own modelling code ({', '.join(raw['auto_map'].values())}); "
                               f"set model.trust_remote_code=true to run it")
-        if raw.get("model_type") == "tdlm":  # tdlm's own export: AutoConfig does not know the type
-            from tdlm.model import TdlmConfig
-
-            return TdlmConfig.from_pretrained(path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - many loader errors; one clear line for the user

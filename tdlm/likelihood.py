@@ -127,9 +127,9 @@ def sequence_nelbo(model, ids: torch.Tensor, masked: torch.Tensor, weight: torch
     if block_size:
         out = block_diffusion_outputs(model, ids, masked, masked, positions, weight, mask_token_id, block_size,
                                       attention_mask)
-        return sequence_sums(out)[:, 0]
-    out = masked_diffusion_outputs(model, ids, masked, masked, positions, weight, mask_token_id, attention_mask,
-                                   position_ids=position_ids)
+    else:
+        out = masked_diffusion_outputs(model, ids, masked, masked, positions, weight, mask_token_id,
+                                       attention_mask, position_ids=position_ids)
     return sequence_sums(out)[:, 0]
 
 

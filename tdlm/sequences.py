@@ -112,7 +112,7 @@ class RandomLength(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = dict(self.rows[i])
-        g = keyed_generator(self.seed, self.epoch * 1_000_003 + int(i), salt=RANDOM_LENGTH_SALT)
+        g = keyed_generator(self.seed, int(i), salt=RANDOM_LENGTH_SALT + self.epoch)  # one stream per (epoch, row)
         cut, length = torch.rand(2, generator=g, dtype=torch.float64)
         if cut < self.prob:
             L = row["input_ids"].shape[0]

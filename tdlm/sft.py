@@ -27,13 +27,13 @@ cuts the response to fit (losing its EOS).
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import re
 import sysconfig
 from pathlib import Path
 
 from .config import ConfigError, DataSection
+from .data import is_validation
 
 EMBEDDED = "<stdlib_qa>"
 
@@ -216,9 +216,7 @@ def split_examples(examples: list[tuple[str, dict]], val_fraction: float):
     """Deterministic train/validation split by a hash of the example (stable across runs and machines)."""
     train, val = [], []
     for item in examples:
-        key = json.dumps(item[1], sort_keys=True).encode()
-        h = int.from_bytes(hashlib.md5(key).digest()[:8], "little") / 2**64
-        (val if h < val_fraction else train).append(item)
+        (val if is_validation(json.dumps(item[1], sort_keys=True), val_fraction) else train).append(item)
     return train, val
 
 
@@ -243,6 +241,11 @@ def build_sft_splits(cfg: DataSection, tok_factory, log=print):
         raise ConfigError(f"data.source=sft: the {'training' if not train else 'validation'} split is empty "
                           f"({len(examples)} examples; data.val_fraction={cfg.val_fraction})")
     tok = tok_factory(example_texts(train))
+    if tok.pad_token_id is not None and tok.pad_token_id == tok.eos_token_id:
+        # padding is never attended or scored, so every response's EOS would be too: the model could not learn
+        # to stop, and sft_padding=eos would silently act as pad
+        raise ConfigError(f"data.tokenizer: {cfg.tokenizer} uses its EOS token ({tok.eos_token!r}) as padding; SFT "
+                          f"needs a distinct pad token (add one, e.g. '[PAD]', and save the tokenizer)")
     log(f"sft: {len(train)} train / {len(val)} validation examples (vocab {len(tok)}, padding {cfg.sft_padding})")
     out = {}
     for name, part in (("train", train), ("validation", val)):

@@ -201,14 +201,19 @@ class TextTask(Task):
         out = self.outputs(model, batch, noise, clip)
         return LossOutput(out.loss_sum, out.num_tokens, reported_sum(out, clip), out)
 
+    probe_off: str | None = None
+    """Why the advanced tier's model probe (attention entropy, hidden-state norms, sequence diversity) cannot
+    reproduce this task's forward, which turns it off (None: it can)."""
+
     def build_metrics(self, sinks, is_main):
         from tdlm.metrics.text_health import build_text_metrics
 
-        backbone = {"num_layers": self.model.config.num_layers,
-                    "attention_probs": getattr(self.model, "supports_attention_probs", True)}
-        if not backbone["attention_probs"] and self.cfg.metrics.tiers.advanced.enabled and is_main:
-            print(f"metrics: advanced/attention_entropy, hidden-state norms and sequence_diversity are off: the "
-                  f"{self.model.adaptation.interface} remote-code interface returns no attention probabilities")
+        why = self.probe_off
+        if not getattr(self.model, "supports_attention_probs", True):
+            why = f"the {self.model.adaptation.interface} remote-code interface returns no attention probabilities"
+        backbone = {"num_layers": self.model.config.num_layers, "attention_probs": why is None}
+        if why and self.cfg.metrics.tiers.advanced.enabled and is_main:
+            print(f"metrics: advanced/attention_entropy, hidden-state norms and sequence_diversity are off: {why}")
         return build_text_metrics(self.cfg, mask_id=self.mask_id, device=self.accelerator.device, sinks=sinks,
                                   is_main=is_main, baselines=self.data.baselines(), backbone=backbone)
 
@@ -334,9 +339,15 @@ class BlockDiffusionTask(MaskedDiffusionTask):
     NELBO under fixed per-block Bernoulli noise, and one forward over [x_t ; x] scores every block
     (``tdlm.objective.block_diffusion_outputs``, which ``outputs`` calls for block noise)."""
 
+    probe_off = "the probe runs the plain forward, not block diffusion's [x_t ; x] pass with its block mask"
+
     def __init__(self, cfg, accelerator):
         self.block_size = cfg.diffusion.block_size
         super().__init__(cfg, accelerator)
+        # one forward over [x_t ; x]: 2L positions with a 2L context per row of L tokens (tdlm/flops.py)
+        c = self.model.config
+        self.flops_per_unit = 2 * training_flops_per_token(matmul_params(self.model), c.num_layers,
+                                                           2 * cfg.data.seq_len, c.hidden_size)
         self.noise = BlockTrainingNoise(self.noise, self.block_size, cfg.diffusion.t_clip or None)
         self.val_estimator = BlockTrainingNoise(self.val_estimator, self.block_size)
         self.val_noise = self.val_estimator.draw(keyed_generator(cfg.trainer.seed, 0, salt=VALIDATION_SALT),

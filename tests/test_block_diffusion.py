@@ -244,6 +244,7 @@ def test_block_task_trains_evaluates_and_samples(tmp_path, capsys):
 
     from test_eval_cli import load_script
 
+    from tdlm.flops import matmul_params
     from tdlm.tasks import BlockDiffusionTask, text_engine
 
     tiers = {f"metrics.tiers.{t}.enabled": True for t in ("research", "advanced")}
@@ -253,9 +254,14 @@ def test_block_task_trains_evaluates_and_samples(tmp_path, capsys):
         assert isinstance(engine.task, BlockDiffusionTask)
         result = engine.fit()
         samples = engine.task.sample(engine.task.model, 2, 8)
+        n_matmul = matmul_params(engine.task.model)
     finally:
         engine.close()
     assert math.isfinite(result["val/loss"]) and 0 < result["val/loss"] < 10 and len(samples) == 2
+    # FLOPs of the [x_t ; x] pass: 2 x 32 positions at context 64 per row, 8 rows a step, 4 steps
+    assert result["summary/flops"] == 4 * 8 * 32 * 2 * (6 * n_matmul + 12 * 2 * 64 * 32)
+    # the advanced probe cannot run the block forward, so its metrics are absent rather than a plain-forward proxy
+    assert "advanced/attention_entropy" not in result and "research/nelbo_row_std" in result
     ckpt = str(tmp_path / "runs" / "t" / "checkpoints" / "step_0000004")
     perplexity, generate = load_script("perplexity"), load_script("generate")
 

@@ -398,3 +398,16 @@ def test_sft_continues_tdlms_own_checkpoint(tiny, tmp_path):
         assert math.isfinite(engine.fit()["val/loss"])
     finally:
         engine.close()
+
+
+def test_a_tokenizer_padding_with_its_eos_is_refused():
+    """Padding is never attended or scored, so a tokenizer whose pad token is its EOS would hide every response's
+    EOS from the loss (and make sft_padding=eos act as pad): refused in one line."""
+    from types import SimpleNamespace
+
+    from tdlm.config import DataSection
+    from tdlm.sft import build_sft_splits
+
+    tok = SimpleNamespace(pad_token_id=2, eos_token_id=2, eos_token="</s>")
+    with pytest.raises(ConfigError, match=r"data.tokenizer: gpt2 uses its EOS token \('</s>'\) as padding"):
+        build_sft_splits(DataSection(source="sft", tokenizer="gpt2"), lambda texts: tok, log=lambda *a: None)

@@ -200,7 +200,8 @@ class MaskAccuracy(Collector):
 
 @TEXT.register
 class Validation(common.Validation):
-    """On evaluation steps (``trainer.eval_every_n_steps`` and the last step), whatever the tiers: the NELBO per
+    """On evaluation steps (``trainer.eval_every_n_steps``, the last step, and every epoch end of a run trained by
+    ``trainer.max_epochs``, logged there with ``train/epoch``), whatever the tiers: the NELBO per
     valid token of the validation split (``data.eval_batches`` global batches, or all of it) under masking noise
     fixed for the whole run, so every evaluation scores the same corruptions (AR: the exact NLL per target);
     the EMA weights when ``trainer.ema_decay`` > 0. Sums are float64, gathered over processes in row order, so
