@@ -285,12 +285,18 @@ class MaskedDiffusionTask(TextTask):
         super().__init__(cfg, accelerator)
         d = cfg.diffusion
         self.schedule = make_schedule(d.schedule, d.loglinear_eps)
-        self.noise = TrainingNoise(d.estimator, self.schedule, d.t_min, d.stratified, d.proposal_power)
+        self.noise = self.wrap_noise(TrainingNoise(d.estimator, self.schedule, d.t_min, d.stratified,
+                                                   d.proposal_power), training=True)
         # Validation keeps one fixed Bernoulli noise whatever the training estimator: the same corruptions at every
         # evaluation, and a bound that does not depend on how the training gradient is estimated.
-        self.val_estimator = TrainingNoise("bernoulli", self.schedule, d.t_min, d.stratified)
+        self.val_estimator = self.wrap_noise(TrainingNoise("bernoulli", self.schedule, d.t_min, d.stratified),
+                                             training=False)
         self.val_noise = self.val_estimator.draw(keyed_generator(cfg.trainer.seed, 0, salt=VALIDATION_SALT),
                                                  len(self.data.validation), cfg.data.seq_len)
+
+    def wrap_noise(self, noise: TrainingNoise, training: bool):
+        """The noise the objective draws from: per sequence here; per block in ``BlockDiffusionTask``."""
+        return noise
 
     def draw_noise(self, generator, rows):
         return self.noise.draw(generator, rows, self.cfg.data.seq_len)
@@ -348,10 +354,10 @@ class BlockDiffusionTask(MaskedDiffusionTask):
         c = self.model.config
         self.flops_per_unit = 2 * training_flops_per_token(matmul_params(self.model), c.num_layers,
                                                            2 * cfg.data.seq_len, c.hidden_size)
-        self.noise = BlockTrainingNoise(self.noise, self.block_size, cfg.diffusion.t_clip or None)
-        self.val_estimator = BlockTrainingNoise(self.val_estimator, self.block_size)
-        self.val_noise = self.val_estimator.draw(keyed_generator(cfg.trainer.seed, 0, salt=VALIDATION_SALT),
-                                                 len(self.data.validation), cfg.data.seq_len)
+
+    def wrap_noise(self, noise, training):
+        # per-block t; the clipped schedule changes the training gradient only, never validation
+        return BlockTrainingNoise(noise, self.block_size, (self.cfg.diffusion.t_clip or None) if training else None)
 
     def sample(self, model, n, steps, seed=0):
         from tdlm.sampling import SamplerConfig, block_generate
