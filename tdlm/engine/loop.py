@@ -236,11 +236,10 @@ class Engine:
             try:
                 out.append(next(self._iter))
                 state.batches_in_epoch += 1
-            except StopIteration:  # a cursor saved at an epoch's end by an earlier version
-                pass
-            else:
                 if state.batches_in_epoch < len(self.train_dl):
                     continue
+            except StopIteration:  # a cursor saved at an epoch's end by an earlier version
+                pass
             del self._iter
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         return out
