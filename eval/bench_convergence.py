@@ -4,6 +4,8 @@ estimator of the NELBO (``diffusion.estimator``) on several seeds, with the AR b
     python eval/bench_convergence.py --out runs/convergence                          # everything (hours on 2 cores)
     python eval/bench_convergence.py --out runs/convergence --estimators exact-k --seeds 0 1 --parallel 2
     python eval/bench_convergence.py --out runs/convergence --read-only               # report finished runs only
+    python eval/bench_convergence.py --out runs/diag --estimators bernoulli --no-ar --seeds 1 2 --steps 300 \
+        --arm mlm_weight=diffusion.clip_weight=1.0 --arm lr_4e-3=optim.lr=4e-3           # a recipe change as an arm
 
 Runs live in ``OUT/<arm>_s<seed>/`` and are resumed (``trainer.resume=auto``) or skipped when finished, so the
 sweep can be done in pieces. Per arm (and seed): the validation bound exp(val/loss) at steps 100/200/400/600,
@@ -40,16 +42,27 @@ def finished(path: Path, steps: int) -> bool:
                                  for x in log.read_text().splitlines() if x.strip())
 
 
-def train(out: Path, arm: str, seed: int, steps: int, threads: int, config: str) -> None:
-    """One quickstart run (resumed where it stopped); the AR arm is ``configs/quickstart_ar.yaml``."""
+def parse_arm(spec: str) -> tuple[str, list[str]]:
+    """``NAME=key=value[,key=value...]`` -> (NAME, overrides): a named arm of the quickstart with config overrides."""
+    name, _, overrides = spec.partition("=")
+    if not name or not overrides or "=" not in overrides or name in (*ESTIMATORS, "ar"):
+        raise SystemExit(f"--arm: expected NAME=key=value[,key=value...] with a new NAME, got {spec!r}")
+    return name, overrides.split(",")
+
+
+def train(out: Path, arm: str, seed: int, steps: int, threads: int, config: str,
+          extra: tuple[str, ...] = ()) -> None:
+    """One quickstart run (resumed where it stopped); the AR arm is ``configs/quickstart_ar.yaml``; ``extra``:
+    the overrides of an ``--arm`` (which keeps the default estimator unless it sets one)."""
     path = run_dir(out, arm, seed)
     if finished(path, steps):
         return
     overrides = [f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"trainer.output_dir={out}",
                  f"trainer.run_name={path.name}", "trainer.resume=auto", "trainer.progress_bar=false",
                  "sample.at_end=0", "wandb.enabled=false", "metrics.console=false"]
-    if arm != "ar":
+    if arm in ESTIMATORS:
         overrides.append(f"diffusion.estimator={arm}")
+    overrides += list(extra)
     cfg = config if arm != "ar" else str(ROOT / "configs" / "quickstart_ar.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     log = (out / f"{path.name}.log").open("w")
@@ -110,16 +123,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="per run")
     ap.add_argument("--parallel", type=int, default=1, help="runs at once")
     ap.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+    ap.add_argument("--arm", action="append", default=[], metavar="NAME=key=value[,key=value]",
+                    help="an extra arm: the quickstart with these overrides (repeatable)")
     ap.add_argument("--read-only", action="store_true", help="report the finished runs, start none")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    arms = list(args.estimators) + ([] if args.no_ar else ["ar"])
+    extra = dict(parse_arm(spec) for spec in args.arm)
+    arms = list(args.estimators) + ([] if args.no_ar else ["ar"]) + list(extra)
     jobs = [(arm, seed) for seed in args.seeds for arm in arms]  # seed-major: every arm advances together
     if not args.read_only:
         with ThreadPoolExecutor(args.parallel) as pool:
-            list(pool.map(lambda job: train(out, *job, args.steps, args.threads, args.config), jobs))
-    result = {"steps": args.steps, "plateau_exit_accuracy": PLATEAU_EXIT_ACCURACY, "arms": {}}
+            list(pool.map(lambda job: train(out, *job, args.steps, args.threads, args.config,
+                                            tuple(extra.get(job[0], ()))), jobs))
+    result = {"steps": args.steps, "plateau_exit_accuracy": PLATEAU_EXIT_ACCURACY, "arms": {},
+              "arm_overrides": extra}
     for arm in arms:
         runs = {seed: summarize_run(run_dir(out, arm, seed), args.steps) for seed in args.seeds
                 if finished(run_dir(out, arm, seed), args.steps)}

@@ -35,11 +35,16 @@ def test_uncontended_drops_starved_repetitions_and_keeps_rounds_aligned():
 def test_bench_train_tiny_with_ablations():
     a = bench_train.parse(["--preset", "cpu", "--layers", "1", "--hidden", "48", "--heads", "2", "--vocab", "64",
                            "--seq-len", "16", "--batch", "2", "--rounds", "2", "--warmup", "1", "--ablations",
-                           "--threads", "1", "--ar"])
+                           "--threads", "1", "--ar", "--estimators"])
     out = bench_train.run(a)
     arms = out["arms"]
     assert {"tdlm", "bert", "tdlm_full_head", "tdlm_forloop_adamw", "tdlm_mkl_gemm", "bert_onednn_gemm",
-            "tdlm_ar"} <= set(arms)
+            "tdlm_ar", "tdlm_exact_k", "tdlm_importance"} <= set(arms)
+    # the estimator arms are the bernoulli arm's model under another noise: same matrices, ratios to bernoulli
+    assert arms["tdlm_exact_k"]["params_matmul"] == arms["tdlm_importance"]["params_matmul"] == \
+        arms["tdlm"]["params_matmul"]
+    assert out["ratios"]["exact_k_vs_bernoulli"]["of_medians"] > 0
+    assert out["ratios"]["importance_vs_bernoulli"]["of_medians"] > 0
     # the AR arm is the same backbone (causal attention has no parameters of its own), with the head everywhere
     assert arms["tdlm_ar"]["params_matmul"] == arms["tdlm"]["params_matmul"]
     assert arms["tdlm_ar"]["executed_flops_frac_of_peak"] == arms["tdlm_ar"]["mfu_model_flops"]
@@ -127,3 +132,45 @@ def test_gpu_preset_arguments_and_shape(capsys):
     assert 120e6 < n_tdlm < 130e6 and 120e6 < sum(p.numel() for p in bert.parameters()) < 130e6
     model_f, exec_f = bench_train.step_flops(bench_train.matmul_params(tdlm), a, 0.5, head_everywhere=False)
     assert model_f > exec_f > 0.8 * model_f
+
+
+@pytest.mark.slow
+def test_bench_convergence_runs_arms_resumes_and_reports_the_logged_bounds(tmp_path):
+    import json
+    import math
+
+    import bench_convergence
+    import yaml
+
+    from conftest import tiny_overrides
+
+    config = {}
+    for item in tiny_overrides(tmp_path, **{"trainer.eval_every_n_steps": 4}):
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        config.setdefault(section, {})[name] = yaml.safe_load(value)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "conv"
+    argv = ["--out", str(out), "--config", str(tmp_path / "tiny.yaml"), "--steps", "8", "--seeds", "0",
+            "--estimators", "exact-k", "--no-ar", "--arm", "lr_low=optim.lr=1e-4,optim.warmup_steps=1"]
+    result = bench_convergence.main(argv)
+    for arm, estimator, lr in (("exact-k", "exact-k", 1e-3), ("lr_low", "bernoulli", 1e-4)):
+        run = out / f"{arm}_s0"
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert (saved["diffusion"]["estimator"], saved["optim"]["lr"]) == (estimator, lr)  # the arm's overrides
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        val = {r["step"]: math.exp(r["val/loss"]) for r in rows if "val/loss" in r}
+        summary = result["arms"][arm]
+        assert summary["per_seed"][0]["bound"][8] == val[8] == summary["median_bound_8"] == summary["worst_bound_8"]
+        accuracy = [r["metrics/mask_accuracy"] for r in rows if "metrics/mask_accuracy" in r]
+        exit_step = summary["plateau_exit_steps"][0]
+        assert (exit_step is None) == (max(accuracy) <= bench_convergence.PLATEAU_EXIT_ACCURACY)
+    assert result["arm_overrides"] == {"lr_low": ["optim.lr=1e-4", "optim.warmup_steps=1"]}
+    # finished runs are read, not retrained: the logs keep their lines
+    before = (out / "exact-k_s0" / "metrics.jsonl").read_text()
+    again = bench_convergence.main(argv)
+    assert (out / "exact-k_s0" / "metrics.jsonl").read_text() == before
+    assert again["arms"]["lr_low"]["median_bound_8"] == result["arms"]["lr_low"]["median_bound_8"]
+    assert (out / "convergence.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="--arm: expected NAME=key=value"):
+        bench_convergence.main(["--out", str(out), "--arm", "bernoulli=optim.lr=1e-4", "--read-only"])

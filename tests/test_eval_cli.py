@@ -396,3 +396,41 @@ def test_report_runs_every_part_and_matches_the_standalone_scripts(runs, capsys,
                  "tdlm_toy_mc", "## Gen-PPL frontier", "float64", "![frontier](frontier.png)"):
         assert part in md, part
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gradient_noise_is_the_sample_variance_of_the_minibatch_gradients(runs, capsys):
+    gradient_noise = load_script("gradient_noise")
+    from tdlm.likelihood import eval_split
+    from tdlm.model import noise_schedule
+    from tdlm.noise import TrainingNoise
+    from tdlm.runs import load_checkpoint
+
+    ck = load_checkpoint(runs["diff"]["dir"], "latest")
+    mc, mask_id = ck.model.config, ck.tokenizer.mask_token_id
+    rows = eval_split("validation", ck.tokenizer, ck.config.data.seq_len, ck.config)[:]["input_ids"]
+    schedule = noise_schedule(mc)
+    arms = {e: (TrainingNoise(e, schedule, mc.t_min), 0.0) for e in ("bernoulli", "exact-k", "importance")}
+    arms["mlm"] = (TrainingNoise("bernoulli", schedule, mc.t_min), 1.0)
+    res = gradient_noise.gradient_noise(ck.model, rows, arms, batches=3, batch_size=4, mask_id=mask_id, seed=5)
+    # the same draws, gradients kept: the unbiased sample variance of g and the pooled mean, computed directly
+    pick, grads = torch.Generator().manual_seed(5), {name: [] for name in arms}
+    for i in range(3):
+        ids = rows[torch.randperm(len(rows), generator=pick)[:4]]
+        for name, (noise, clip) in arms.items():
+            grads[name].append(gradient_noise.minibatch_gradient(
+                ck.model, ids, noise, torch.Generator().manual_seed(5 * 100_003 + i), mask_id, clip))
+    stacked = {name: torch.stack(g) for name, g in grads.items()}
+    for name, g in stacked.items():
+        assert res[name]["noise"] == pytest.approx(float(g.var(0).sum()), rel=1e-9)
+    pooled = torch.cat([stacked[e] for e in ("bernoulli", "exact-k", "importance")]).mean(0)
+    pooled_var = sum(float(stacked[e].var(0).sum()) for e in ("bernoulli", "exact-k", "importance")) / (3 * 9)
+    assert res["exact-k"]["mean_gradient_sq"] == pytest.approx(float(pooled @ pooled) - pooled_var, rel=1e-9)
+    assert res["bernoulli"]["batch_equivalent"] == 1.0
+    assert res["importance"]["batch_equivalent"] == pytest.approx(res["bernoulli"]["noise"] / res["importance"]["noise"])
+    # the biased MLM weight (clip 1) is a different gradient: its own draws, its own mean
+    assert res["mlm"]["noise"] != pytest.approx(res["bernoulli"]["noise"])
+    assert gradient_noise.main(["--checkpoint", str(runs["diff"]["dir"]), "--batches", "2", "--batch-size", "2",
+                                "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["arms"]["bernoulli"]["batch_equivalent"] == 1.0
+    assert gradient_noise.main(["--checkpoint", str(runs["ar"]["dir"]), "--batches", "2"]) == 2
+    assert "masked-diffusion" in capsys.readouterr().err
