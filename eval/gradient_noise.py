@@ -9,6 +9,8 @@ differ only in the noise E||g - ḡ||² (the trace of the gradient's covariance)
 estimators' pooled mean), the signal-to-noise ratio ||ḡ||² / noise, and ``batch_equivalent``: bernoulli's noise
 over this one's, the factor by which bernoulli's batch would have to grow to be as quiet. Batch i draws the same
 rows for every estimator (the rows' own spread is common to all) and its noise from a generator keyed by i.
+``--fixed-rows`` keeps the first batch's rows in every batch: the noise is then the masking's alone, and the
+difference from the default run is the data's share (which sequences a batch holds), common to all estimators.
 ``--mlm-weight`` adds the biased MLM weighting (weight 1 per masked token: ``diffusion.clip_weight=1``) as a
 reference, kept out of the pooled mean since its gradient has another mean.
 """
@@ -46,13 +48,15 @@ def minibatch_gradient(model, ids: torch.Tensor, noise: TrainingNoise, generator
 
 
 def gradient_noise(model, rows: torch.Tensor, arms: dict[str, tuple[TrainingNoise, float]], batches: int,
-                   batch_size: int, mask_id: int, seed: int = 0) -> dict:
-    """Per arm: noise E||g - ḡ||², ||ḡ||², SNR and batch_equivalent (see the module docstring)."""
+                   batch_size: int, mask_id: int, seed: int = 0, fixed_rows: bool = False) -> dict:
+    """Per arm: noise E||g - ḡ||², ||ḡ||², SNR and batch_equivalent (see the module docstring). ``fixed_rows``:
+    every batch holds the same rows, so the noise is the estimator's alone (the masking), without the data's."""
     sums = {name: 0.0 for name in arms}
     squares = {name: 0.0 for name in arms}
     pick = torch.Generator().manual_seed(seed)
     for i in range(batches):
-        ids = rows[torch.randperm(len(rows), generator=pick)[:batch_size]]
+        if i == 0 or not fixed_rows:
+            ids = rows[torch.randperm(len(rows), generator=pick)[:batch_size]]
         for name, (noise, clip) in arms.items():
             g = minibatch_gradient(model, ids, noise, torch.Generator().manual_seed(seed * 100_003 + i), mask_id, clip)
             sums[name] = sums[name] + g
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-sequences", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fixed-rows", action="store_true",
+                   help="the same rows in every batch: the masking noise alone, without the data's")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.batches < 2 or not 0.0 <= a.proposal_power < 1.0:
@@ -104,9 +110,10 @@ def main(argv=None) -> int:
     if a.mlm_weight:
         arms["mlm_weight_biased"] = (TrainingNoise("bernoulli", schedule, mc.t_min), 1.0)
     ck.model.train()  # dropout is 0 in tdlm's configs; train mode is the mode the gradient is taken in
-    res = gradient_noise(ck.model, rows, arms, a.batches, a.batch_size, ck.tokenizer.mask_token_id, a.seed)
+    res = gradient_noise(ck.model, rows, arms, a.batches, a.batch_size, ck.tokenizer.mask_token_id, a.seed,
+                         a.fixed_rows)
     out = {"checkpoint": str(ck.path), "step": ck.state.get("step"), "batches": a.batches,
-           "batch_size": a.batch_size, "proposal_power": a.proposal_power, "arms": res}
+           "batch_size": a.batch_size, "fixed_rows": a.fixed_rows, "proposal_power": a.proposal_power, "arms": res}
     print(json.dumps(out, indent=1) if a.json else "\n".join(
         f"{n}: noise {r['noise']:.4g}  |mean grad|^2 {r['mean_gradient_sq']:.4g}  SNR {r['snr']:.4g}  "
         f"batch-equivalent {r['batch_equivalent'] or float('nan'):.2f}" for n, r in res.items()))

@@ -429,6 +429,14 @@ def test_gradient_noise_is_the_sample_variance_of_the_minibatch_gradients(runs, 
     assert res["importance"]["batch_equivalent"] == pytest.approx(res["bernoulli"]["noise"] / res["importance"]["noise"])
     # the biased MLM weight (clip 1) is a different gradient: its own draws, its own mean
     assert res["mlm"]["noise"] != pytest.approx(res["bernoulli"]["noise"])
+    # fixed rows: the first batch's rows every time, so only the masking varies
+    fixed = gradient_noise.gradient_noise(ck.model, rows, {"exact-k": arms["exact-k"]}, batches=3, batch_size=4,
+                                          mask_id=mask_id, seed=5, fixed_rows=True)
+    ids = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(5))[:4]]
+    g = torch.stack([gradient_noise.minibatch_gradient(ck.model, ids, arms["exact-k"][0],
+                                                       torch.Generator().manual_seed(5 * 100_003 + i), mask_id)
+                     for i in range(3)])
+    assert fixed["exact-k"]["noise"] == pytest.approx(float(g.var(0).sum()), rel=1e-9)
     assert gradient_noise.main(["--checkpoint", str(runs["diff"]["dir"]), "--batches", "2", "--batch-size", "2",
                                 "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["arms"]["bernoulli"]["batch_equivalent"] == 1.0
