@@ -63,16 +63,13 @@ def gradient_noise(model, rows: torch.Tensor, arms: dict[str, tuple[TrainingNois
             squares[name] += float(g @ g)
     unbiased = [n for n, (_, clip) in arms.items() if clip == 0.0]
     pooled = sum(sums[n] for n in unbiased) / (batches * len(unbiased))
-    noise = {}
-    for name in arms:
-        mean = sums[name] / batches
-        noise[name] = (squares[name] - batches * float(mean @ mean)) / (batches - 1)
+    mean_sq = {name: float((sums[name] / batches) @ (sums[name] / batches)) for name in arms}
+    noise = {name: (squares[name] - batches * mean_sq[name]) / (batches - 1) for name in arms}
     # ||mean||^2 overestimates ||ḡ||^2 by the mean's own variance (noise / draws): subtracted, so it is unbiased
     pooled_sq = float(pooled @ pooled) - sum(noise[n] for n in unbiased) / (batches * len(unbiased) ** 2)
     out = {}
     for name in arms:
-        mean = sums[name] / batches
-        signal = pooled_sq if name in unbiased else float(mean @ mean) - noise[name] / batches
+        signal = pooled_sq if name in unbiased else mean_sq[name] - noise[name] / batches
         out[name] = {"noise": noise[name], "mean_gradient_sq": signal, "snr": signal / noise[name]}
     base = out.get("bernoulli", {}).get("noise")
     for name in out:
