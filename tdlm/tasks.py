@@ -73,6 +73,9 @@ def load_exported(path: Path) -> TdlmForMaskedOrCausalLM:
 class TextTask(Task):
     """What both text objectives share: data, tokenizer, backbone, validation, metrics, export and report."""
 
+    positions_per_token = 1
+    """Backbone positions run per training token (at that many times the context): FLOPs per token (tdlm/flops.py)."""
+
     no_decay = ("embed",)  # the (tied) embedding, like norms and biases, gets no weight decay
 
     def __init__(self, cfg, accelerator):
@@ -96,8 +99,9 @@ class TextTask(Task):
             self.train_sampler = self._shard_order_sampler()
         self.units_per_row = cfg.data.seq_len
         c = self.model.config  # tdlm's own, or an HF backbone's BackboneConfig with the same field names
-        self.flops_per_unit = training_flops_per_token(matmul_params(self.model), c.num_layers, cfg.data.seq_len,
-                                                       c.hidden_size)
+        n = self.positions_per_token
+        self.flops_per_unit = n * training_flops_per_token(matmul_params(self.model), c.num_layers,
+                                                           n * cfg.data.seq_len, c.hidden_size)
         self.val_noise: tuple[torch.Tensor, ...] = ()
         self.never_mask = resolve_never_mask(cfg.diffusion.never_mask, tok)
         if cfg.data.random_length_prob > 0:  # training rows only: validation scores whole rows
@@ -346,14 +350,11 @@ class BlockDiffusionTask(MaskedDiffusionTask):
     (``tdlm.objective.block_diffusion_outputs``, which ``outputs`` calls for block noise)."""
 
     probe_off = "the probe runs the plain forward, not block diffusion's [x_t ; x] pass with its block mask"
+    positions_per_token = 2  # one forward over [x_t ; x]: 2L positions with a 2L context per row of L tokens
 
     def __init__(self, cfg, accelerator):
         self.block_size = cfg.diffusion.block_size
         super().__init__(cfg, accelerator)
-        # one forward over [x_t ; x]: 2L positions with a 2L context per row of L tokens (tdlm/flops.py)
-        c = self.model.config
-        self.flops_per_unit = 2 * training_flops_per_token(matmul_params(self.model), c.num_layers,
-                                                           2 * cfg.data.seq_len, c.hidden_size)
 
     def wrap_noise(self, noise, training):
         # per-block t; the clipped schedule changes the training gradient only, never validation
